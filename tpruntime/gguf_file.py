@@ -150,7 +150,7 @@ class GGUFFile:
         cur.pos = 4
         self.version = cur.u32("version")
         if self.version not in SUPPORTED_VERSIONS:
-            if self.version & 0xFFFF == 0 and (self.version >> 16) in (2, 3):
+            if self.version & 0xFFFFFF == 0 and (self.version >> 24) in SUPPORTED_VERSIONS:
                 raise self.error("big-endian GGUF files are not supported")
             raise self.error(f"unsupported GGUF version {self.version} "
                              f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")

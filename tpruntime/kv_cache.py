@@ -1,0 +1,28 @@
+"""The KV cache of this rank: only its own KV heads, for every position of the context."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_head_kv: list[int], n_ctx: int, head_dim: int, head_dim_v: int,
+                 device: torch.device, dtype: torch.dtype):
+        """n_head_kv: this rank's KV heads in each layer (0 where it does not join the layer)."""
+        self.n_ctx = n_ctx
+        self.k = [torch.zeros(n, n_ctx, head_dim, device=device, dtype=dtype) for n in n_head_kv]
+        self.v = [torch.zeros(n, n_ctx, head_dim_v, device=device, dtype=dtype) for n in n_head_kv]
+
+    @staticmethod
+    def bytes_per_token(n_head_kv: list[int], head_dim: int, head_dim_v: int, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(n * (head_dim + head_dim_v) * size for n in n_head_kv)
+
+    def store(self, il: int, pos0: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, heads, d] for positions pos0 .. pos0 + T - 1."""
+        T = k.shape[0]
+        self.k[il][:, pos0:pos0 + T] = k.transpose(0, 1)
+        self.v[il][:, pos0:pos0 + T] = v.transpose(0, 1)
+
+    def view(self, il: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[il][:, start:stop], self.v[il][:, start:stop]

@@ -1,0 +1,96 @@
+"""The tensor table: every tensor a model reads, by GGUF name, with its expected shape and
+how it is split across ranks. The plan, the loader, `inspect` and the tests all read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .config import ModelConfig
+from .errors import TpError
+from .gguf_file import GGUFFile
+
+
+class Split(str, Enum):
+    """How a tensor is divided among the ranks of a layer (torch-order axes)."""
+
+    REPLICATED = "replicated"
+    Q_HEADS = "column/q-heads"  # rows of whole query heads
+    KV_HEADS = "column/kv-heads"  # rows of whole KV heads
+    O_HEADS = "row/q-heads"  # input columns of whole query heads; output is a partial sum
+    FF_COLUMN = "column/ff"  # rows of the FFN intermediate dim
+    FF_ROW = "row/ff"  # input columns of the FFN intermediate dim; partial sum
+    VOCAB = "column/vocab"  # rows of the vocabulary
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # torch order
+    split: Split = Split.REPLICATED
+    layer: int | None = None
+    optional: bool = False
+    tied_to: str | None = None  # when absent from the file, read this tensor instead
+
+    @property
+    def attr(self) -> str:
+        """The attribute name models use: the GGUF name without layer prefix and `.weight`."""
+        base = self.name.split(".", 2)[-1] if self.layer is not None else self.name
+        return base.removesuffix(".weight").replace(".bias", "_bias")
+
+
+def dense_tensor_table(cfg: ModelConfig) -> list[TensorSpec]:
+    """Tensors of the llama-like decoder; which optional ones exist follows the config flags."""
+    e, hd, hdv = cfg.n_embd, cfg.head_dim, cfg.head_dim_v
+    q, kv, ff = cfg.n_head * hd, cfg.n_head_kv * hd, cfg.n_ff
+    specs = [
+        TensorSpec("token_embd.weight", (cfg.n_vocab, e)),
+        TensorSpec("output_norm.weight", (e,)),
+        TensorSpec("output.weight", (cfg.n_vocab, e), Split.VOCAB, tied_to="token_embd.weight"),
+        TensorSpec("rope_freqs.weight", (cfg.rope_dim // 2,), optional=True),
+    ]
+    for il in range(cfg.n_layer):
+        def t(name, shape, split=Split.REPLICATED, **kw):
+            specs.append(TensorSpec(f"blk.{il}.{name}", shape, split, layer=il, **kw))
+
+        t("attn_norm.weight", (e,))
+        t("attn_q.weight", (q, e), Split.Q_HEADS)
+        t("attn_k.weight", (kv, e), Split.KV_HEADS)
+        t("attn_v.weight", (cfg.n_head_kv * hdv, e), Split.KV_HEADS)
+        if cfg.attn_bias:
+            t("attn_q.bias", (q,), Split.Q_HEADS)
+            t("attn_k.bias", (kv,), Split.KV_HEADS)
+            t("attn_v.bias", (cfg.n_head_kv * hdv,), Split.KV_HEADS)
+        if cfg.qk_norm:
+            t("attn_q_norm.weight", (hd,))
+            t("attn_k_norm.weight", (hd,))
+        t("attn_output.weight", (e, cfg.n_head * hdv), Split.O_HEADS)
+        if cfg.sandwich_norm:
+            t("post_attention_norm.weight", (e,))
+        t("ffn_norm.weight", (e,))
+        t("ffn_gate.weight", (ff, e), Split.FF_COLUMN)
+        t("ffn_up.weight", (ff, e), Split.FF_COLUMN)
+        t("ffn_down.weight", (e, ff), Split.FF_ROW)
+        if cfg.sandwich_norm:
+            t("post_ffw_norm.weight", (e,))
+    return specs
+
+
+def resolve(gf: GGUFFile, specs: list[TensorSpec]) -> dict[str, str | None]:
+    """Map each spec to the file tensor it reads (itself, its tie, or None if optional and
+    absent), checking presence and shape first so a bad file fails before any weight is read."""
+    out: dict[str, str | None] = {}
+    for s in specs:
+        src = s.name if s.name in gf.tensors else s.tied_to if s.tied_to in gf.tensors else None
+        if src is None:
+            if not s.optional:
+                raise TpError(f"{gf.path}: missing tensor {s.name!r}")
+            out[s.name] = None
+            continue
+        shape = gf.tensors[src].shape
+        if shape != s.shape:
+            raise TpError(f"{gf.path}: tensor {src!r} has shape {list(shape)}, the metadata "
+                          f"implies {list(s.shape)}")
+        out[s.name] = src
+    return out
