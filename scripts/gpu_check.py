@@ -3,7 +3,7 @@
 Runs Gemma 3 270M (against its reference continuations) and a synthetic model (written here
 with `tpruntime synth`) on CPU float32 and on CUDA in float32 and bf16, and prints a table.
 
-    python scripts/gpu_check.py --gemma gemma.gguf --synth-shape qwen3-8b --vocab vocab.gguf --out DIR
+    python scripts/gpu_check.py --gemma gemma.gguf --reference ref.json --synth qwen3-8b.gguf --out DIR
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from tpruntime import load_tokenizer
 from tpruntime.generate import generate
 from tpruntime.model import load_model
 from tpruntime.sampling import Sampler, SamplingParams
-from tpruntime.synthetic import SHAPES, vocab_from, write_model
 
 GREEDY = SamplingParams(temp=0)
 
@@ -45,9 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gemma", required=True)
     ap.add_argument("--reference", required=True, help="gemma3_270m_reference.json")
-    ap.add_argument("--synth-shape", default="qwen3-8b")
-    ap.add_argument("--vocab", required=True)
-    ap.add_argument("--workdir", default="/tmp/tpcheck")
+    ap.add_argument("--synth", required=True, help="a synthetic model written by `tpruntime synth`")
+    ap.add_argument("--cpu-tokens", type=int, default=8, help="greedy tokens on the (slow) CPU path")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--n", type=int, default=32)
     args = ap.parse_args()
@@ -59,24 +57,20 @@ def main() -> None:
             r = run(args.gemma, case["prompt_ids"], len(case["greedy_ids"]), device, dtype)
             r.update(model=f"gemma3-270m case {i}", match_ref=r["tokens"] == case["greedy_ids"])
             rows.append(r)
+            print(r, flush=True)
 
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    synth = Path(args.workdir) / f"{args.synth_shape}-q4_k.gguf"
-    t0 = time.perf_counter()
-    write_model(synth, SHAPES[args.synth_shape], qtype="Q4_K", output_qtype="Q6_K",
-                vocab=vocab_from(args.vocab), seed=0)
-    write_s = time.perf_counter() - t0
-    tok = load_tokenizer(str(synth))
+    synth = args.synth
+    tok = load_tokenizer(synth)
     prompt = tok.encode("The quick brown fox jumps over the lazy dog. " * 4)
     ref_tokens = None
     for device, dtype in (("cpu", "f32"), ("cuda", "f32"), ("cuda", "bf16")):
-        r = run(str(synth), prompt, 16 if device == "cpu" else args.n, device, dtype)
+        r = run(synth, prompt, args.cpu_tokens if device == "cpu" else args.n, device, dtype)
         if ref_tokens is None:
             ref_tokens = r["tokens"]
         n = min(len(ref_tokens), len(r["tokens"]))
-        r.update(model=f"{args.synth_shape} Q4_K (written in {write_s:.0f} s)",
-                 match_ref=r["tokens"][:n] == ref_tokens[:n])
+        r.update(model=Path(synth).name, match_ref=r["tokens"][:n] == ref_tokens[:n])
         rows.append(r)
+        print(r, flush=True)
 
     Path(args.out, "gpu_check.json").write_text(json.dumps(rows, indent=1))
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__}")

@@ -15,26 +15,53 @@ import click
 from .errors import TpError
 
 
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
+        rank = _rank()
+        prefix = f"rank {rank}: " if rank else ""
         try:
             return super().invoke(ctx)
         except TpError as e:
-            click.echo(f"error: {e}", err=True)
+            # Bad input is the same on every rank: rank 0 says it once.
+            if rank == 0 or e.local:
+                click.echo(f"{prefix}error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            click.echo(f"{prefix}interrupted", err=True)
             sys.exit(130)
-        except click.exceptions.Exit:
+        except (click.exceptions.Exit, click.ClickException):
             raise
-        except click.ClickException:
-            raise
-        except Exception as e:  # a bug, not bad input: one line unless asked for more
+        except Exception as e:
             if os.environ.get("TPRUNTIME_DEBUG"):
                 raise
-            click.echo(f"internal error: {type(e).__name__}: {e} (TPRUNTIME_DEBUG=1 for a traceback)",
-                       err=True)
+            if _is_comm_failure(e):
+                click.echo(f"{prefix}error: lost contact with the other ranks (one died, hung or was "
+                           f"killed): {_first_line(e)}", err=True)
+            else:  # a bug, not bad input: one line unless asked for more
+                click.echo(f"{prefix}internal error: {type(e).__name__}: {_first_line(e)} "
+                           "(TPRUNTIME_DEBUG=1 for a traceback)", err=True)
             sys.exit(1)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _is_comm_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, (dist.DistError, ConnectionError, TimeoutError)) or (
+        isinstance(e, RuntimeError) and any(w in text for w in ("gloo", "nccl", "connection closed",
+                                                                "connection reset", "timed out")))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,6 +97,33 @@ def _read_prompt(prompt: str | None, file: str | None) -> str:
     return prompt
 
 
+def _tensor_split(value: str | None) -> tuple[float, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(float(x) for x in value.replace("/", ",").split(","))
+    except ValueError:
+        raise TpError(f"--tensor-split {value!r}: expected comma-separated numbers, e.g. 3,1") from None
+
+
+def _split_options(f):
+    """Flags that say how the model is divided among ranks (ik_llama.cpp's names)."""
+    f = click.option("-sm", "--split-mode", default="graph", show_default=True,
+                     help="graph: tensor parallel in every layer; layer: pipeline of whole layers.")(f)
+    f = click.option("--max-gpu", type=int, default=None,
+                     help="At most this many ranks join each layer (rotating from layer to layer).")(f)
+    f = click.option("-ts", "--tensor-split", default=None,
+                     help="Relative share of each rank, e.g. 3,1 (whole heads and blocks move).")(f)
+    return f
+
+
+def _plan_options(world_size: int, split_mode: str, max_gpu: int | None, tensor_split: str | None):
+    from .plan import PlanOptions
+
+    return PlanOptions(world_size=world_size, split_mode=split_mode, max_gpu=max_gpu,
+                       tensor_split=_tensor_split(tensor_split))
+
+
 @main.command()
 @click.option("-m", "--model", default=None, help="GGUF file (default: the Gemma 3 270M demo model).")
 @click.option("-p", "--prompt", default=None, help="Prompt text.")
@@ -88,14 +142,28 @@ def _read_prompt(prompt: str | None, file: str | None) -> str:
 @click.option("--dtype", default="auto", show_default=True, help="Weights/activations: auto, f32, f16, bf16.")
 @click.option("--no-bos", is_flag=True, help="Do not add the BOS token even if the model asks for it.")
 @click.option("--no-display-prompt", is_flag=True, help="Do not echo the prompt.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-generation tokens.")
+@click.option("--print-ids", is_flag=True, help="Also print the generated token ids to stderr.")
+@click.option("--report-memory", is_flag=True,
+              help="Each rank prints its weight bytes against the plan, KV cache and device peak.")
+@_split_options
+@click.option("-grt", "--reduce-type", default="f32", show_default=True,
+              help="Dtype of the all-reduce on the wire: f32, f16, bf16.")
+@click.option("--comm-timeout", default=20.0, show_default=True,
+              help="Seconds a rank waits on a peer during generation before giving up.")
 def generate(model, prompt, prompt_file, n_predict, ctx_size, ubatch_size, temp, top_k, top_p, min_p,
-             repeat_penalty, repeat_last_n, seed, device, dtype, no_bos, no_display_prompt):
-    """Generate a continuation of a prompt and stream it to stdout."""
+             repeat_penalty, repeat_last_n, seed, device, dtype, no_bos, no_display_prompt, ignore_eos,
+             print_ids, report_memory, split_mode, max_gpu, tensor_split, reduce_type, comm_timeout):
+    """Generate a continuation of a prompt and stream it to stdout.
+
+    Under `tpruntime launch` or torchrun every rank runs this command; rank 0 tokenizes,
+    samples and prints, the others follow.
+    """
     import random
 
     from . import load_tokenizer
+    from .engine import open_engine
     from .generate import check_prompt, generate as run
-    from .model import load_model
     from .sampling import Sampler, SamplingParams
 
     text = _read_prompt(prompt, prompt_file)
@@ -115,9 +183,31 @@ def generate(model, prompt, prompt_file, n_predict, ctx_size, ubatch_size, temp,
     ids = tok.encode(text, add_bos=not no_bos and tok.add_bos)
     if ctx_size:
         check_prompt(len(ids), ctx_size)  # before any weight is read
-    lm = load_model(path, n_ctx=ctx_size, device=device, dtype=dtype)
-    click.echo(f"seed {seed}", err=True)
+    engine = open_engine(path, n_ctx=ctx_size, device=device, dtype=dtype, n_ubatch=ubatch_size,
+                         options=_plan_options(1, split_mode, max_gpu, tensor_split),
+                         reduce_type=reduce_type, comm_timeout=comm_timeout)
+    try:
+        if engine.comm.rank != 0:
+            engine.follow()
+            if report_memory:
+                click.echo(engine.model.memory_report(), err=True)
+            return
+        try:
+            eog = frozenset() if ignore_eos else frozenset(tok.eog_ids)
+            _coordinate(engine, tok, text, ids, n_predict, sampler, seed, ubatch_size, no_display_prompt, eog,
+                        print_ids, run)
+        finally:
+            engine.stop()
+        if report_memory:
+            click.echo(engine.model.memory_report(), err=True)
+    finally:
+        engine.comm.close()
 
+
+def _coordinate(engine, tok, text, ids, n_predict, sampler, seed, ubatch_size, no_display_prompt, eog,
+                        print_ids, run):
+    """Rank 0: stream the continuation to stdout and the speeds to stderr."""
+    click.echo(f"seed {seed}", err=True)
     if not no_display_prompt:
         click.echo(text, nl=False)
     stream = tok.stream_decoder()
@@ -126,10 +216,11 @@ def generate(model, prompt, prompt_file, n_predict, ctx_size, ubatch_size, temp,
         sys.stdout.write(stream.push(t))
         sys.stdout.flush()
 
-    res = run(lm, ids, n_predict, sampler, n_ubatch=ubatch_size, eog_ids=frozenset(tok.eog_ids),
-              on_token=emit)
+    res = run(engine, ids, n_predict, sampler, n_ubatch=ubatch_size, eog_ids=eog, on_token=emit)
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()
+    if print_ids:
+        click.echo(f"ids: {' '.join(map(str, res.tokens))}", err=True)
     click.echo(f"prompt: {res.n_prompt} tokens in {res.t_prompt:.3f} s, {res.prompt_tps:.2f} t/s", err=True)
     click.echo(f"generation: {len(res.tokens)} tokens in {res.t_gen:.3f} s, {res.gen_tps:.2f} t/s "
                f"(stop: {res.stop})", err=True)
@@ -184,6 +275,41 @@ def inspect(file):
         click.echo(f"{t.name:<36} {t.ggml_type.name:<7} {'x'.join(map(str, t.shape)):<20} "
                    f"{t.n_bytes / 2**20:>9.2f}")
     click.echo(f"{len(gf.tensors)} tensors, {total / 2**20:.1f} MiB")
+
+
+@main.command()
+@click.option("-m", "--model", default=None, help="GGUF file (default: the demo model).")
+@click.option("-np", "--world-size", type=int, default=1, show_default=True, help="Number of ranks.")
+@_split_options
+@click.option("--kv-bytes", type=int, default=2, show_default=True,
+              help="Bytes per KV-cache element for the per-token estimate (2: f16/bf16, 4: f32).")
+def plan(model, world_size, split_mode, max_gpu, tensor_split, kv_bytes):
+    """Print how a model is divided among ranks: slices, bytes and KV cache per rank."""
+    from .gguf_file import GGUFFile
+    from .models import model_config
+    from .plan import make_plan
+
+    gf = GGUFFile(_model_path(model))
+    p = make_plan(model_config(gf), _plan_options(world_size, split_mode, max_gpu, tensor_split), gf)
+    click.echo(p.describe(gf, kv_element_size=kv_bytes))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--nproc-per-node", type=int, required=True, help="Workers on this node (one per GPU).")
+@click.option("--nnodes", default="1", show_default=True, help="Nodes, or MIN:MAX.")
+@click.option("--node-rank", type=int, default=0, show_default=True)
+@click.option("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node).")
+@click.option("--rdzv-id", default="tpruntime", show_default=True, help="Run id shared by all nodes.")
+@click.option("--master-port", type=int, default=None, help="Port of the single-node rendezvous.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id, master_port, command):
+    """Run a tpruntime command on several ranks through torchrun, e.g.
+    `tpruntime launch --nproc-per-node 2 generate -m model.gguf -p "Hi" --device cuda`."""
+    from .launcher import run_torchrun
+
+    sys.exit(run_torchrun(list(command), nproc_per_node=nproc_per_node, nnodes=nnodes,
+                          node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
+                          master_port=master_port))
 
 
 @main.command()

@@ -1,8 +1,25 @@
-"""Collectives. Every all-reduce, gather and broadcast of the runtime goes through here."""
+"""Collectives. Every all-reduce, gather, broadcast and point-to-point transfer of the runtime
+goes through here, and only this module imports torch.distributed.
+
+`Comm` is one process owning the whole model (every collective is the identity);
+`DistComm` is a rank of a torch.distributed group: NCCL on CUDA, gloo on CPU.
+"""
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 import torch
+import torch.distributed as dist
+
+from .errors import TpError
+
+REDUCE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+# A step message from the coordinator: [command, pos0, n_tokens, all_logits, tokens...].
+CMD_FORWARD, CMD_STOP = 1, 2
+HEADER = 4
 
 
 class Comm:
@@ -10,11 +27,100 @@ class Comm:
 
     rank = 0
     world_size = 1
+    reduce_dtype = torch.float32
 
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """Sum of every rank's partial result (row-parallel layers call this)."""
-        return partial
+        """Sum over ranks of a row-parallel layer's partial result, as float32."""
+        return partial.float()
 
-    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Each rank's vocabulary slice of the logits, concatenated in rank order."""
+    def gather_vocab(self, logits: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
+        """Each rank's vocabulary slice of the logits, concatenated in rank order on rank 0."""
         return logits
+
+    def send_hidden(self, h: torch.Tensor, dst: int) -> None:
+        raise AssertionError("a single process has no pipeline stages")
+
+    def recv_hidden(self, shape: tuple[int, ...], src: int, device: torch.device) -> torch.Tensor:
+        raise AssertionError("a single process has no pipeline stages")
+
+    def broadcast_step(self, msg: torch.Tensor | None, n_max: int) -> torch.Tensor:
+        """Rank 0's step message (int64, CPU), delivered to every rank."""
+        return msg
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def dist_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when started by torchrun / SLURM-style env; else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+    except ValueError:
+        raise TpError("RANK / WORLD_SIZE / LOCAL_RANK must be integers") from None
+
+
+class DistComm(Comm):
+    def __init__(self, device: torch.device, reduce_type: str = "f32", timeout_s: float = 20.0):
+        self.reduce_dtype = REDUCE_DTYPES[reduce_type]
+        self.device = device
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # A short timeout on the step collectives is what turns a hung or dead peer into an
+        # error on every survivor (and then an exit, which torchrun turns into a full stop).
+        kw = dict(backend=backend, timeout=timedelta(seconds=timeout_s))
+        if device.type == "cuda":
+            kw["device_id"] = device
+        dist.init_process_group(**kw)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # Step messages travel on the CPU (gloo) so a follower reads them without a device sync.
+        self._steps = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+                       if backend != "gloo" else None)
+        # Loading takes as long as the slowest rank's disk: its barrier gets its own patience.
+        self._control = dist.new_group(backend="gloo", timeout=timedelta(hours=1))
+
+    def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        buf = partial.to(self.reduce_dtype)
+        dist.all_reduce(buf)
+        return buf.float()
+
+    def gather_vocab(self, logits: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
+        if self.rank != 0:
+            if logits.shape[-1]:
+                dist.send(logits.contiguous(), 0)
+            return None
+        parts = []
+        for r, n in enumerate(sizes):
+            if r == 0:
+                parts.append(logits)
+            elif n:
+                buf = torch.empty(logits.shape[0], n, dtype=logits.dtype, device=logits.device)
+                dist.recv(buf, r)
+                parts.append(buf)
+        return torch.cat(parts, dim=-1)
+
+    def send_hidden(self, h: torch.Tensor, dst: int) -> None:
+        dist.send(h.contiguous(), dst)
+
+    def recv_hidden(self, shape: tuple[int, ...], src: int, device: torch.device) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=torch.float32, device=device)
+        dist.recv(buf, src)
+        return buf
+
+    def broadcast_step(self, msg: torch.Tensor | None, n_max: int) -> torch.Tensor:
+        buf = torch.zeros(HEADER + n_max, dtype=torch.long)
+        if self.rank == 0:
+            buf[: msg.numel()] = msg
+        dist.broadcast(buf, 0, group=self._steps)
+        return buf
+
+    def barrier(self) -> None:
+        dist.barrier(group=self._control)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from .comm import Comm
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .plan import LayerShard
 
 Weights = dict[str, torch.Tensor]
 
@@ -20,7 +21,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class RMSNorm:
     def __init__(self, weight: torch.Tensor, eps: float):
-        self.weight, self.eps = weight.float(), eps
+        self.weight, self.eps = weight, eps  # float32 (TensorSpec.keeps_f32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
@@ -79,8 +80,7 @@ class Rope:
 class Attention:
     """Causal (optionally sliding-window) attention over this rank's KV-head group."""
 
-    def __init__(self, w: Weights, cfg: ModelConfig, il: int, n_head: int, n_head_kv: int,
-                 rope: Rope, comm: Comm):
+    def __init__(self, w: Weights, cfg: ModelConfig, il: int, shard: LayerShard, rope: Rope, comm: Comm):
         self.attn_q = ColumnLinear(w["attn_q"], w.get("attn_q_bias"))
         self.attn_k = ColumnLinear(w["attn_k"], w.get("attn_k_bias"))
         self.attn_v = ColumnLinear(w["attn_v"], w.get("attn_v_bias"))
@@ -88,13 +88,20 @@ class Attention:
         self.attn_q_norm = RMSNorm(w["attn_q_norm"], cfg.norm_eps) if cfg.qk_norm else None
         self.attn_k_norm = RMSNorm(w["attn_k_norm"], cfg.norm_eps) if cfg.qk_norm else None
         self.il, self.rope = il, rope
-        self.n_head, self.n_head_kv = n_head, n_head_kv
+        self.n_head, self.n_head_kv = len(shard.q_heads), len(shard.kv_heads)
+        # The local KV head each local query head reads. With replicated KV heads a rank's
+        # query heads need not start on a group boundary, so this is a map, not a repeat.
+        group = cfg.n_head // cfg.n_head_kv
+        self.kv_of_q = torch.tensor([q // group - shard.kv_heads.start for q in shard.q_heads],
+                                    dtype=torch.long, device=rope.cos.device)
         self.head_dim, self.head_dim_v = cfg.head_dim, cfg.head_dim_v
         self.scale = cfg.attn_scale
         self.window = cfg.sliding_window if cfg.layer_uses_swa(il) else 0
 
     def __call__(self, x: torch.Tensor, pos0: int, cache: KVCache) -> torch.Tensor:
         T = x.shape[0]
+        if self.n_head == 0:  # this rank sits the layer's attention out: it adds nothing
+            return self.attn_output(x.new_zeros(T, 0))
         q = self.attn_q(x).view(T, self.n_head, self.head_dim)
         k = self.attn_k(x).view(T, self.n_head_kv, self.head_dim)
         v = self.attn_v(x).view(T, self.n_head_kv, self.head_dim_v)
@@ -106,10 +113,8 @@ class Attention:
         end = pos0 + T
         start = max(0, pos0 - self.window + 1) if self.window else 0
         keys, values = cache.view(self.il, start, end)  # [n_head_kv, S, d]
-        group = self.n_head // self.n_head_kv
-        if group > 1:
-            keys = keys.repeat_interleave(group, dim=0)
-            values = values.repeat_interleave(group, dim=0)
+        if self.n_head != self.n_head_kv:
+            keys, values = keys[self.kv_of_q], values[self.kv_of_q]
         mask = None
         if T > 1 or self.window:
             q_pos = torch.arange(pos0, end, device=x.device)[:, None]
@@ -143,11 +148,10 @@ class GatedFFN:
 class DecoderBlock:
     """h += attn(norm(h)); h += ffn(norm(h)), with optional post-norms (sandwich)."""
 
-    def __init__(self, w: Weights, cfg: ModelConfig, il: int, n_head: int, n_head_kv: int,
-                 rope: Rope, comm: Comm):
+    def __init__(self, w: Weights, cfg: ModelConfig, il: int, shard: LayerShard, rope: Rope, comm: Comm):
         eps = cfg.norm_eps
         self.attn_norm = RMSNorm(w["attn_norm"], eps)
-        self.attn = Attention(w, cfg, il, n_head, n_head_kv, rope, comm)
+        self.attn = Attention(w, cfg, il, shard, rope, comm)
         self.ffn_norm = RMSNorm(w["ffn_norm"], eps)
         self.ffn = GatedFFN(w, cfg, comm)
         self.post_attention_norm = RMSNorm(w["post_attention_norm"], eps) if cfg.sandwich_norm else None

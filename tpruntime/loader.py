@@ -40,6 +40,8 @@ def load_tensor(gf: GGUFFile, name: str, sl: tuple[int, range] | None,
                 device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     info = gf.tensor(name)
     data, shape = read_slice(gf, info, sl)
+    if 0 in shape:  # a rank that sits this layer out
+        return torch.empty(shape, device=device, dtype=dtype)
     raw = torch.from_numpy(np.array(data).reshape(-1)).to(device)  # copy: the map is read-only
     return dequantize(raw, info.ggml_type, shape, name=name).to(dtype)
 

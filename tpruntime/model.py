@@ -19,7 +19,7 @@ from .kv_cache import KVCache
 from .layers import DecoderBlock, Rope, rms_norm
 from .loader import load_raw_rows, load_tensor
 from .models import model_config
-from .plan import RankShard, make_plan
+from .plan import PlanOptions, RankShard, make_plan
 from .quants import dequantize
 from .tensors import dense_tensor_table, resolve
 
@@ -36,33 +36,54 @@ class Transformer:
         specs = dense_tensor_table(cfg)
         sources = resolve(gf, specs)  # fails on a bad file before any weight is read
 
+        self.weight_bytes = 0  # what this rank holds on its device, to check against the plan
         glob: dict[str, torch.Tensor] = {}
         layer_w: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-        for spec in tqdm(specs, desc="loading", unit="tensor", disable=not progress, leave=False):
+        for spec in tqdm(specs, desc="loading", unit="tensor", disable=None if progress else True, leave=False):
             src = sources[spec.name]
-            if src is None or spec.name == "token_embd.weight":
+            if src is None or spec.name == "token_embd.weight" or not shard.holds(spec):
                 continue  # the embedding stays quantized: rows are dequantized on lookup
-            t = load_tensor(gf, src, shard.slice_of(spec, cfg), self.device, dtype)
+            t = load_tensor(gf, src, shard.slice_of(spec, cfg), self.device,
+                            torch.float32 if spec.keeps_f32 else dtype)
+            self.weight_bytes += t.numel() * t.element_size()
             (layer_w[spec.layer] if spec.layer is not None else glob)[spec.attr] = t
 
-        embd = gf.tensor("token_embd.weight")
-        self.token_embd = load_raw_rows(gf, embd.name, self.device)
-        self.token_embd_type = embd.ggml_type
-        self.output_norm = glob["output_norm"].float()
-        self.output = glob["output"]
+        if shard.embeds:
+            embd = gf.tensor("token_embd.weight")
+            self.token_embd = load_raw_rows(gf, embd.name, self.device)
+            self.weight_bytes += self.token_embd.numel()
+            self.token_embd_type = embd.ggml_type
+        if shard.last_stage:
+            self.output_norm = glob["output_norm"]
+            self.output = glob["output"]
         freq_factors = glob.get("rope_freqs")
 
+        # Pipeline stages own whole layers: their blocks sum nothing across ranks.
+        block_comm = comm if shard.split_mode == "graph" else Comm()
         ropes: dict[tuple[float, float], Rope] = {}
         self.blocks = []
         for il, ls in enumerate(shard.layers):
+            if il not in layer_w:
+                continue
             key = (cfg.layer_rope_base(il), cfg.layer_rope_freq_scale(il))
             if key not in ropes:
                 ropes[key] = Rope(cfg.rope_dim, key[0], key[1], cfg.rope_neox, n_ctx, self.device,
                                   freq_factors)
-            self.blocks.append(DecoderBlock(layer_w[il], cfg, il, len(ls.q_heads), len(ls.kv_heads),
-                                            ropes[key], comm))
+            self.blocks.append(DecoderBlock(layer_w[il], cfg, il, ls, ropes[key], block_comm))
         self.cache = KVCache([len(ls.kv_heads) for ls in shard.layers], n_ctx, cfg.head_dim,
                              cfg.head_dim_v, self.device, dtype)
+
+    def memory_report(self) -> str:
+        """One line: what this rank holds against its plan, its KV cache, its device peak."""
+        mib = 2**20
+        kv = sum(t.numel() * t.element_size() for t in self.cache.k + self.cache.v)
+        planned = getattr(self, "planned_bytes", None)
+        line = (f"rank {self.shard.rank}: weights {self.weight_bytes / mib:.1f} MiB"
+                + (f" (plan {planned / mib:.1f} MiB)" if planned is not None else "")
+                + f", KV cache {kv / mib:.1f} MiB for {self.n_ctx} tokens")
+        if self.device.type == "cuda":
+            line += f", device peak {torch.cuda.max_memory_allocated(self.device) / mib:.1f} MiB"
+        return line
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = self.token_embd[tokens].reshape(-1)
@@ -73,46 +94,64 @@ class Transformer:
     def forward(self, tokens: torch.Tensor, pos0: int, all_logits: bool = False) -> torch.Tensor:
         """Run tokens at positions pos0 .. pos0 + T - 1 through the model, filling the KV cache.
 
-        Returns float32 logits over the whole vocabulary: [T, n_vocab] or, by default, only
-        the last position's [1, n_vocab].
+        Returns float32 logits over the whole vocabulary on rank 0 ([T, n_vocab] or, by
+        default, only the last position's [1, n_vocab]); None on the other ranks.
         """
         T = tokens.shape[0]
         if pos0 + T > self.n_ctx:
             raise ValueError(f"positions {pos0}..{pos0 + T} exceed the context of {self.n_ctx}")
-        h = self.embed(tokens.to(self.device))
+        shard = self.shard
+        if shard.first_stage:
+            h = self.embed(tokens.to(self.device))
+        else:
+            h = self.comm.recv_hidden((T, self.cfg.n_embd), shard.rank - 1, self.device)
         for blk in self.blocks:
             h = blk(h, pos0, self.cache, self.trace)
-        if not all_logits:
-            h = h[-1:]
-        h = rms_norm(h, self.output_norm, self.cfg.norm_eps)
-        logits = torch.nn.functional.linear(h.to(self.dtype), self.output).float()
-        return self.comm.gather_vocab(logits)
+        n_out = T if all_logits else 1
+        if shard.last_stage:
+            h = rms_norm(h[-n_out:], self.output_norm, self.cfg.norm_eps)
+            logits = torch.nn.functional.linear(h.to(self.dtype), self.output).float()
+        else:
+            self.comm.send_hidden(h, shard.rank + 1)
+            logits = torch.empty(n_out, 0, device=self.device)
+        return self.comm.gather_vocab(logits, shard.vocab_sizes)
 
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """The device of this rank: under a launcher, `cuda` means the GPU of its local rank."""
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise TpError(f"--device {device!r}: expected cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TpError("--device cuda: no CUDA device is available (use --device cpu)")
     if dev.type not in ("cpu", "cuda"):
         raise TpError(f"--device {device!r}: expected cpu or cuda")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise TpError("--device cuda: no CUDA device is available (use --device cpu)")
+        index = dev.index if dev.index is not None else local_rank
+        if index >= n:
+            raise TpError(f"local rank {local_rank} needs GPU {index} but this host has {n}: "
+                          "use at most one process per GPU", local=True)
+        dev = torch.device("cuda", index)
     return dev
 
 
 def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str = "auto",
-               progress: bool = True) -> Transformer:
-    """Open, validate and load a GGUF model for one rank owning everything.
+               progress: bool = True, options: PlanOptions = PlanOptions(), local_rank: int = 0,
+               make_comm: Callable[[torch.device], Comm] = lambda dev: Comm()) -> Transformer:
+    """Open, validate and load a GGUF model: this rank's shard of it under `options`.
 
-    n_ctx 0 means the model's training context; dtype auto is f32 on CPU, bf16 on CUDA.
+    Every check (file, flags, plan) runs before `make_comm` joins the other ranks and before
+    any weight is read. n_ctx 0 means the model's training context; dtype auto is f32 on
+    CPU, bf16 on CUDA.
     """
     gf = GGUFFile(path)
     cfg = model_config(gf)
-    dev = resolve_device(device)
+    dev = resolve_device(device, local_rank)
     if dtype == "auto":
         dtype = "f32" if dev.type == "cpu" else "bf16"
     if dtype not in DTYPES:
@@ -120,6 +159,10 @@ def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str 
     if n_ctx < 0:
         raise TpError(f"-c {n_ctx}: the context size must be >= 0")
     n_ctx = n_ctx or cfg.n_ctx_train
-    shard = make_plan(cfg, world_size=1)[0]
-    return Transformer(gf, cfg, shard, Comm(), n_ctx=n_ctx, device=dev, dtype=DTYPES[dtype],
-                       progress=progress)
+    plan = make_plan(cfg, options, gf)
+    comm = make_comm(dev)
+    model = Transformer(gf, cfg, plan.ranks[comm.rank], comm, n_ctx=n_ctx, device=dev,
+                        dtype=DTYPES[dtype], progress=progress and comm.rank == 0)
+    model.planned_bytes = plan.resident_bytes(comm.rank, gf, DTYPES[dtype].itemsize)
+    return model
+

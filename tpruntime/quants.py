@@ -48,8 +48,12 @@ def _bytes_as(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _half_to_float(h: torch.Tensor) -> torch.Tensor:
     """f16 -> f32 as numpy does it: torch's conversion turns NaNs into its canonical NaN or
-    quiets them, numpy keeps sign and payload bits, so NaN lanes are redone by hand."""
+    quiets them, numpy keeps sign and payload bits, so NaN lanes are redone by hand. Only on
+    the CPU: CUDA has one canonical NaN anyway, and `.any()` would stall the device every call
+    (the decode step dequantizes its embedding rows)."""
     x = h.float()
+    if h.device.type != "cpu":
+        return x
     nan = x.isnan()
     if nan.any():
         bits = h[nan].view(torch.int16).to(torch.int32)
@@ -81,8 +85,9 @@ def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _add_(x: torch.Tensor, y: torch.Tensor, sign: int = 1) -> torch.Tensor:
     """x += sign * y in place. Where both are NaN numpy keeps x's payload and torch's add keeps
-    y's, so with a NaN in y (never in real files) those lanes are redone out of place."""
-    if y.isnan().any():
+    y's, so with a NaN in y (never in real files) those lanes are redone out of place (on the
+    CPU only, as in _half_to_float)."""
+    if y.device.type == "cpu" and y.isnan().any():
         return torch.where(x.isnan(), x, x.add(y, alpha=sign))
     return x.add_(y, alpha=sign)
 

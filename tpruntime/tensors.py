@@ -34,6 +34,11 @@ class TensorSpec:
     tied_to: str | None = None  # when absent from the file, read this tensor instead
 
     @property
+    def keeps_f32(self) -> bool:
+        """Norm weights and rope factors stay float32 whatever the compute dtype."""
+        return self.name.endswith("norm.weight") or self.name.startswith("rope_freqs")
+
+    @property
     def attr(self) -> str:
         """The attribute name models use: the GGUF name without layer prefix and `.weight`."""
         base = self.name.split(".", 2)[-1] if self.layer is not None else self.name

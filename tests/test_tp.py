@@ -1,0 +1,244 @@
+"""Tensor parallelism on CPU ranks (gloo): TP=N equals TP=1, plans, launch, failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_SHAPES, gemma_path
+from tpruntime.errors import TpError
+from tpruntime.gguf_file import GGUFFile
+from tpruntime.models import model_config
+from tpruntime.plan import PlanOptions, make_plan
+
+WORKER = Path(__file__).with_name("tp_logits.py")
+PROMPT = "the quick brown fox jumps over the lazy dog and then"
+
+
+def env():
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    e.pop("TPRUNTIME_DEBUG", None)
+    return e
+
+
+def tp(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "tpruntime", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env())
+
+
+def generate(model, n_ranks: int, *extra, n=12, prompt=PROMPT):
+    gen = ["generate", "-m", model, "-p", prompt, "-n", n, "--temp", 0, "-c", 96, "--device", "cpu",
+           "--no-display-prompt", "--print-ids", *extra]
+    r = tp(*gen) if n_ranks == 1 else tp("launch", "--nproc-per-node", n_ranks, *gen)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"generation: {n} tokens" in r.stderr, r.stderr[-2000:]
+    ids = next(ln for ln in r.stderr.splitlines() if ln.startswith("ids: ")).split()[1:]
+    assert len(ids) == n
+    return r.stdout, ids
+
+
+@pytest.fixture(scope="module")
+def tp1(tiny_models):
+    runs = {s: generate(tiny_models[s], 1) for s in TINY_SHAPES}
+    for s, (_, ids) in runs.items():
+        assert len(set(ids)) >= 4, (s, ids)  # varied tokens, so equality means something
+    return runs
+
+
+@pytest.mark.parametrize("n_ranks", [2, 3, 4])
+@pytest.mark.parametrize("shape", TINY_SHAPES)
+def test_greedy_tokens_equal_tp1(shape, n_ranks, tiny_models, tp1):
+    assert generate(tiny_models[shape], n_ranks) == tp1[shape]
+
+
+@pytest.mark.parametrize("n_ranks", [2, 3])
+def test_gemma3_270m_one_kv_head(n_ranks):
+    """One KV head: replicated on every rank while the 4 query heads are split."""
+    out, _ = generate(gemma_path(), n_ranks, n=16, prompt="The capital of France is")
+    assert out.startswith(" the capital of the country of France. It is the largest city in France")
+
+
+@pytest.mark.parametrize("extra,n_ranks", [
+    (("--max-gpu", 1), 4),
+    (("--max-gpu", 2), 4),
+    (("-ts", "3,1,2"), 3),
+    (("--split-mode", "layer"), 2),
+    (("--split-mode", "layer", "-ts", "1,2"), 2),
+])
+def test_split_options_equal_tp1(extra, n_ranks, tiny_models, tp1):
+    assert generate(tiny_models["tiny-qwen2"], n_ranks, *extra) == tp1["tiny-qwen2"]
+
+
+def logits(model, n_ranks, tmp_path, *extra) -> np.ndarray:
+    out = tmp_path / f"logits-{n_ranks}-{'_'.join(map(str, extra))}.npy"
+    prompt = ",".join(str(i) for i in np.random.default_rng(5).integers(0, 250, 21))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n_ranks),
+           str(WORKER), str(model), str(out), "--prompt", prompt, *map(str, extra)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return np.load(out)
+
+
+@pytest.mark.parametrize("reduce_type,tol", [("f32", 1e-4), ("f16", 2e-2), ("bf16", 1e-1)])
+def test_logits_tolerance_by_reduce_type(reduce_type, tol, tiny_models, tmp_path):
+    """f32: equal to TP=1 up to summation order; f16/bf16 wire formats round each partial sum,
+    so the logits move by about their relative precision (2^-11, 2^-8) times the logit scale."""
+    model = tiny_models["tiny-gemma3"]
+    ref = logits(model, 1, tmp_path)
+    got = logits(model, 2, tmp_path, "--reduce-type", reduce_type)
+    scale = np.abs(ref).max()
+    err = np.abs(got - ref).max() / scale
+    assert err <= tol, err
+    if reduce_type != "f32":
+        assert err > 0  # the wire dtype really was used
+
+
+def test_two_nodes_through_rendezvous(tiny_models, tp1):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gen = ["generate", "-m", tiny_models["tiny-llama"], "-p", PROMPT, "-n", 12, "--temp", 0, "-c", 96,
+           "--device", "cpu", "--no-display-prompt", "--print-ids"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "tpruntime", "launch", "--nproc-per-node", "2",
+                               "--nnodes", "2", "--node-rank", str(i), "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               "--rdzv-id", f"test{port}", *map(str, gen)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+             for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
+    # Global rank 0 (which node holds it is the rendezvous' choice) printed the text.
+    assert sorted(o[0] for o in outs) == ["", tp1["tiny-llama"][0]]
+    assert sum(f"ids: {' '.join(tp1['tiny-llama'][1])}" in o[1] for o in outs) == 1
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"RANK="):
+            return int(kv[5:])
+    return None
+
+
+def test_rank_killed_mid_generation_stops_all(tiny_models):
+    gen = ["generate", "-m", tiny_models["tiny-qwen3"], "-p", PROMPT, "-n", -1, "--temp", 0, "-c", 4096,
+           "--device", "cpu", "--no-display-prompt", "--ignore-eos"]
+    p = subprocess.Popen([sys.executable, "-m", "tpruntime", "launch", "--nproc-per-node", "3", *map(str, gen)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env())
+    os.set_blocking(p.stdout.fileno(), False)
+    deadline = time.time() + 120
+    got = b""
+    while len(got) < 20 and time.time() < deadline:  # wait until tokens stream
+        got += p.stdout.read() or b""
+        time.sleep(0.1)
+    assert len(got) >= 20, p.stderr.read().decode()[-2000:] if p.poll() is not None else "no output"
+    workers = [c for agent in [p.pid] for c in _children(agent)]
+    workers = {r: pid for pid in workers if (r := _rank_of(pid)) is not None}
+    assert sorted(workers) == [0, 1, 2]
+    t0 = time.time()
+    os.kill(workers[1], signal.SIGKILL)
+    p.wait(timeout=60)
+    elapsed = time.time() - t0
+    err = p.stderr.read().decode()
+    assert p.returncode != 0
+    assert elapsed < 30, elapsed
+    assert "rank 1" in err and "SIGKILL" in err, err[-2000:]
+    for pid in workers.values():
+        assert not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
+
+
+# --- plans (no processes) ---------------------------------------------------------------------
+
+def _plan(path, **kw):
+    gf = GGUFFile(path)
+    return make_plan(model_config(gf), PlanOptions(**kw), gf), gf
+
+
+def test_plan_kv_heads_not_dividing_world_size(tiny_models):
+    """tiny-qwen3: 2 KV heads, 4 query heads, 3 ranks -> KV heads replicated, said in the plan."""
+    p, gf = _plan(tiny_models["tiny-qwen3"], world_size=3)
+    assert all(p.kv_replicated)
+    q = [len(r.layers[0].q_heads) for r in p.ranks]
+    assert sum(q) == 4 and all(x >= 1 for x in q)
+    text = p.describe(gf)
+    assert "KV heads replicated" in text and "rank 2:" in text
+    r = tp("plan", "-m", tiny_models["tiny-qwen3"], "-np", 3)
+    assert r.returncode == 0 and "KV heads replicated" in r.stdout
+
+
+def test_plan_covers_every_unit_once(tiny_models):
+    for kw in (dict(world_size=2), dict(world_size=4, max_gpu=2), dict(world_size=3, tensor_split=(3, 1, 2))):
+        p, _ = _plan(tiny_models["tiny-llama"], **kw)
+        cfg = p.cfg
+        for il in range(cfg.n_layer):
+            ff = sorted(i for r in p.ranks for i in r.layers[il].ff)
+            q = sorted(i for r in p.ranks for i in r.layers[il].q_heads)
+            assert ff == list(range(cfg.n_ff)) and q == list(range(cfg.n_head))
+            if kw.get("max_gpu"):
+                assert len(p.layer_ranks(il)) == kw["max_gpu"]
+        assert sorted(i for r in p.ranks for i in r.vocab) == list(range(cfg.n_vocab))
+    p, _ = _plan(tiny_models["tiny-llama"], world_size=4, max_gpu=2)
+    assert p.layer_ranks(0) != p.layer_ranks(1)  # the subset rotates
+
+
+def test_plan_uneven_split_moves_whole_blocks(tiny_models):
+    p, _ = _plan(tiny_models["tiny-llama"], world_size=2, tensor_split=(3, 1))
+    ff = [len(r.layers[0].ff) for r in p.ranks]
+    assert ff == [384, 128]  # 16 Q8_0 blocks of 32: 12 and 4
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(world_size=2, tensor_split=(1, 2, 3)), "3 values for 2 ranks"),
+    (dict(world_size=2, tensor_split=(0, 0)), "not all 0"),
+    (dict(world_size=2, max_gpu=0), "--max-gpu 0"),
+    (dict(world_size=3, split_mode="layer"), "cannot give every one"),
+    (dict(world_size=2, split_mode="rows"), "--split-mode 'rows'"),
+])
+def test_impossible_plans(tiny_models, kw, msg):
+    with pytest.raises(TpError, match=msg):
+        _plan(tiny_models["tiny-llama"], **kw)
+
+
+def test_bad_launch_input_is_one_line(tiny_models):
+    r = tp("launch", "--nproc-per-node", 2, "generate", "-m", tiny_models["tiny-llama"], "-p", "x",
+           "-ts", "1,2,3", "--device", "cpu")
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "3 values for 2 ranks" in lines[0], r.stderr
+    r = tp("launch", "--nproc-per-node", 2, "generate", "-m", tiny_models["tiny-llama"], "-p", "x",
+           "--reduce-type", "f8", "--device", "cpu")
+    assert r.returncode == 2 and "--reduce-type 'f8'" in r.stderr
+
+
+@pytest.mark.parametrize("kw", [dict(world_size=3), dict(world_size=4, max_gpu=2),
+                                dict(world_size=2, split_mode="layer")])
+def test_each_rank_holds_exactly_its_planned_bytes(tiny_models, kw):
+    """Each rank loads only its slices: what it holds equals the plan, and the split parts add
+    up to the whole model (plus the replicated tensors once per extra rank)."""
+    from tpruntime.comm import Comm
+    from tpruntime.model import Transformer
+
+    p, gf = _plan(tiny_models["tiny-gemma3"], **kw)
+    held = []
+    for r in range(kw["world_size"]):
+        m = Transformer(gf, p.cfg, p.ranks[r], Comm(), n_ctx=16, progress=False)
+        assert m.weight_bytes == p.resident_bytes(r, gf, 4)
+        held.append(m.weight_bytes)
+    whole, _ = _plan(tiny_models["tiny-gemma3"], world_size=1)
+    total = whole.resident_bytes(0, gf, 4)
+    assert max(held) < total <= sum(held)

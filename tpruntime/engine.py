@@ -1,0 +1,69 @@
+"""Running one model over several ranks: rank 0 (the coordinator) decides every step and
+broadcasts it; the other ranks follow in lockstep, so their collectives always match."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .comm import CMD_FORWARD, CMD_STOP, HEADER, REDUCE_DTYPES, Comm, DistComm, dist_env
+from .errors import TpError
+from .model import Transformer, load_model
+from .plan import PlanOptions
+
+
+class Engine:
+    """Drives a rank's model. On rank 0, `forward` has the same contract as
+    `Transformer.forward` (so `generate` runs unchanged) and runs the step on every rank."""
+
+    def __init__(self, model: Transformer, comm: Comm, n_max: int):
+        self.model, self.comm, self.n_max = model, comm, n_max
+        self.n_ctx, self.device = model.n_ctx, model.device
+
+    def _broadcast(self, msg: list[int] | None) -> list[int]:
+        t = None if msg is None else torch.tensor(msg, dtype=torch.long)
+        return self.comm.broadcast_step(t, self.n_max).tolist()
+
+    def forward(self, tokens: torch.Tensor, pos0: int, all_logits: bool = False) -> torch.Tensor:
+        if tokens.shape[0] > self.n_max:
+            raise ValueError(f"{tokens.shape[0]} tokens in one step, at most {self.n_max}")
+        self._broadcast([CMD_FORWARD, pos0, tokens.shape[0], int(all_logits), *tokens.tolist()])
+        return self.model.forward(tokens, pos0, all_logits)
+
+    def stop(self) -> None:
+        """Release the followers (rank 0, once, at the end)."""
+        if self.comm.world_size > 1:
+            self._broadcast([CMD_STOP, 0, 0, 0])
+
+    def follow(self) -> None:
+        """Ranks other than 0: run every step rank 0 broadcasts until it says stop."""
+        while True:
+            msg = self._broadcast(None)
+            cmd, pos0, n, all_logits = msg[:HEADER]
+            if cmd == CMD_STOP:
+                return
+            tokens = torch.tensor(msg[HEADER:HEADER + n], dtype=torch.long)
+            self.model.forward(tokens, pos0, bool(all_logits))
+
+
+def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int,
+                options: PlanOptions, reduce_type: str = "f32", comm_timeout: float = 20.0,
+                progress: bool = True) -> Engine:
+    """This process's rank of a run: a single process, or one worker of torchrun / SLURM
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment)."""
+    env = dist_env()
+    if reduce_type not in REDUCE_DTYPES:
+        raise TpError(f"--reduce-type {reduce_type!r}: expected one of {', '.join(REDUCE_DTYPES)}")
+    if comm_timeout <= 0:
+        raise TpError(f"--comm-timeout {comm_timeout}: must be > 0 seconds")
+    if env is None:
+        model = load_model(path, n_ctx=n_ctx, device=device, dtype=dtype, progress=progress, options=options)
+        return Engine(model, model.comm, n_ubatch)
+    rank, world, local_rank = env
+    options = dataclasses.replace(options, world_size=world)
+    model = load_model(path, n_ctx=n_ctx, device=device, dtype=dtype, progress=progress,
+                       options=options, local_rank=local_rank,
+                       make_comm=lambda dev: DistComm(dev, reduce_type, comm_timeout))
+    model.comm.barrier()  # every rank loaded: from here on, steps run in lockstep
+    return Engine(model, model.comm, n_ubatch)
