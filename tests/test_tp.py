@@ -242,3 +242,23 @@ def test_each_rank_holds_exactly_its_planned_bytes(tiny_models, kw):
     whole, _ = _plan(tiny_models["tiny-gemma3"], world_size=1)
     total = whole.resident_bytes(0, gf, 4)
     assert max(held) < total <= sum(held)
+
+
+@pytest.mark.parametrize("fault,needle", [
+    ("2:3:raise", "rank 2 (pid"),
+    ("1:3:hang", "rank 1 (pid"),
+    ("0:4:hang", "rank 0 (pid"),
+    ("1:2:exit", "rank 1 (pid"),
+])
+def test_rank_that_raises_hangs_or_exits_stops_all(tiny_models, fault, needle):
+    gen = ["generate", "-m", tiny_models["tiny-qwen3"], "-p", PROMPT, "-n", 64, "--temp", 0, "-c", 128,
+           "--device", "cpu", "--comm-timeout", 5]
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "tpruntime", "launch", "--nproc-per-node", "3", *map(str, gen)],
+                       capture_output=True, text=True, timeout=120, env={**env(), "TPRUNTIME_FAULT": fault})
+    elapsed = time.time() - t0
+    assert r.returncode != 0
+    assert elapsed < 30, elapsed
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last and "all ranks stopped" in last, r.stderr
+    assert "Traceback" not in r.stderr

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .errors import TpError
+from .errors import EXIT_LOST_PEER, TpError
 
 
 def _rank() -> int:
@@ -44,10 +44,23 @@ class _Group(click.Group):
             if _is_comm_failure(e):
                 click.echo(f"{prefix}error: lost contact with the other ranks (one died, hung or was "
                            f"killed): {_first_line(e)}", err=True)
-            else:  # a bug, not bad input: one line unless asked for more
-                click.echo(f"{prefix}internal error: {type(e).__name__}: {_first_line(e)} "
-                           "(TPRUNTIME_DEBUG=1 for a traceback)", err=True)
-            sys.exit(1)
+                _exit(EXIT_LOST_PEER)
+            # a bug, not bad input: one line unless asked for more
+            click.echo(f"{prefix}internal error: {type(e).__name__}: {_first_line(e)} "
+                       "(TPRUNTIME_DEBUG=1 for a traceback)", err=True)
+            _exit(1)
+
+
+def _exit(code: int) -> None:
+    """Exit without running destructors when a process group is up: tearing down a broken
+    gloo/NCCL group at interpreter exit can abort (SIGABRT), which would hide the real cause."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _first_line(e: BaseException) -> str:
@@ -186,22 +199,17 @@ def generate(model, prompt, prompt_file, n_predict, ctx_size, ubatch_size, temp,
     engine = open_engine(path, n_ctx=ctx_size, device=device, dtype=dtype, n_ubatch=ubatch_size,
                          options=_plan_options(1, split_mode, max_gpu, tensor_split),
                          reduce_type=reduce_type, comm_timeout=comm_timeout)
-    try:
-        if engine.comm.rank != 0:
-            engine.follow()
-            if report_memory:
-                click.echo(engine.model.memory_report(), err=True)
-            return
-        try:
-            eog = frozenset() if ignore_eos else frozenset(tok.eog_ids)
-            _coordinate(engine, tok, text, ids, n_predict, sampler, seed, ubatch_size, no_display_prompt, eog,
-                        print_ids, run)
-        finally:
-            engine.stop()
-        if report_memory:
-            click.echo(engine.model.memory_report(), err=True)
-    finally:
-        engine.comm.close()
+    # On a failure no goodbye is sent: the peers notice (timeout or torchrun) and stop.
+    if engine.comm.rank != 0:
+        engine.follow()
+    else:
+        eog = frozenset() if ignore_eos else frozenset(tok.eog_ids)
+        _coordinate(engine, tok, text, ids, n_predict, sampler, seed, ubatch_size, no_display_prompt, eog,
+                    print_ids, run)
+        engine.stop()
+    if report_memory:
+        click.echo(engine.model.memory_report(), err=True)
+    engine.comm.close()
 
 
 def _coordinate(engine, tok, text, ids, n_predict, sampler, seed, ubatch_size, no_display_prompt, eog,

@@ -4,6 +4,8 @@ broadcasts it; the other ranks follow in lockstep, so their collectives always m
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 
 import torch
 
@@ -20,6 +22,14 @@ class Engine:
     def __init__(self, model: Transformer, comm: Comm, n_max: int):
         self.model, self.comm, self.n_max = model, comm, n_max
         self.n_ctx, self.device = model.n_ctx, model.device
+        self.step = 0
+        self.fault = _fault_for(comm.rank)
+
+    def _run(self, tokens: torch.Tensor, pos0: int, all_logits: bool) -> torch.Tensor | None:
+        if self.fault is not None and self.step == self.fault[0]:
+            _inject(self.fault[1], self.comm.rank, self.step)
+        self.step += 1
+        return self.model.forward(tokens, pos0, all_logits)
 
     def _broadcast(self, msg: list[int] | None) -> list[int]:
         t = None if msg is None else torch.tensor(msg, dtype=torch.long)
@@ -29,7 +39,7 @@ class Engine:
         if tokens.shape[0] > self.n_max:
             raise ValueError(f"{tokens.shape[0]} tokens in one step, at most {self.n_max}")
         self._broadcast([CMD_FORWARD, pos0, tokens.shape[0], int(all_logits), *tokens.tolist()])
-        return self.model.forward(tokens, pos0, all_logits)
+        return self._run(tokens, pos0, all_logits)
 
     def stop(self) -> None:
         """Release the followers (rank 0, once, at the end)."""
@@ -44,7 +54,35 @@ class Engine:
             if cmd == CMD_STOP:
                 return
             tokens = torch.tensor(msg[HEADER:HEADER + n], dtype=torch.long)
-            self.model.forward(tokens, pos0, bool(all_logits))
+            self._run(tokens, pos0, bool(all_logits))
+
+
+FAULT_KINDS = ("raise", "hang", "exit")
+
+
+def _fault_for(rank: int) -> tuple[int, str] | None:
+    """TPRUNTIME_FAULT=RANK:STEP:KIND makes one rank fail at one step (raise an exception,
+    hang, or exit at once), so tests can prove that every other rank stops. Off when unset."""
+    spec = os.environ.get("TPRUNTIME_FAULT")
+    if not spec:
+        return None
+    try:
+        r, step, kind = spec.split(":")
+        r, step = int(r), int(step)
+        if kind not in FAULT_KINDS:
+            raise ValueError
+    except ValueError:
+        raise TpError(f"TPRUNTIME_FAULT={spec!r}: expected RANK:STEP:{'|'.join(FAULT_KINDS)}") from None
+    return (step, kind) if r == rank else None
+
+
+def _inject(kind: str, rank: int, step: int) -> None:
+    if kind == "raise":
+        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+    if kind == "exit":
+        os._exit(70)
+    while True:  # hang: the process lives but never answers its peers again
+        time.sleep(3600)
 
 
 def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int,

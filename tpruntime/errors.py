@@ -1,6 +1,11 @@
 """The one exception type users see: a one-line message and exit code 2 from the CLI."""
 
 
+# Exit code of a rank that stopped because a peer died or hung: an effect, not a cause, so
+# the launcher looks past it for the rank that failed first.
+EXIT_LOST_PEER = 3
+
+
 class TpError(Exception):
     """A problem with the user's input (file, flag, prompt) rather than a bug in tpruntime."""
 

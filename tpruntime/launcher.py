@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from .errors import TpError
+from .errors import EXIT_LOST_PEER, TpError
 
 
 def torchrun_args(command: list[str], *, nproc_per_node: int, nnodes: str = "1", node_rank: int = 0,
@@ -55,11 +55,14 @@ def run_torchrun(command: list[str], **kw) -> int:
 
 
 def _blame(exitcode: int) -> int:
-    """Which failure most likely started it (lower first). torchrun SIGTERMs the survivors and
-    ranks that lose a peer exit 1, so those are effects; timestamps only resolve seconds."""
+    """Which failure most likely started it (lower first): a rank killed from outside, then
+    one that failed by itself, then one torchrun had to stop (it never noticed: hung), last
+    the ranks that only lost a peer. Timestamps resolve seconds only, so they break ties."""
+    if exitcode == EXIT_LOST_PEER:
+        return 3
     if exitcode < 0:
         return 2 if -exitcode == signal.SIGTERM else 0
-    return 1 if exitcode != 1 else 2
+    return 1
 
 
 def report_failure(failures: dict) -> int:
@@ -68,7 +71,9 @@ def report_failure(failures: dict) -> int:
     rank, f = min(failures.items(), key=lambda kv: (_blame(kv[1].exitcode), kv[1].timestamp, kv[0]))
     if f.exitcode == 2:
         return 2
-    if f.exitcode < 0:
+    if f.exitcode == -signal.SIGTERM and any(g.exitcode == EXIT_LOST_PEER for g in failures.values()):
+        how = "stopped answering (its peers timed out waiting for it)"
+    elif f.exitcode < 0:
         try:
             how = f"was killed by {signal.Signals(-f.exitcode).name}"
         except ValueError:
