@@ -100,6 +100,13 @@ def test_truncated_model(tmp_path, tiny_models):
     (("--dtype", "f8"), ["--dtype 'f8'"]),
     (("--device", "tpu"), ["--device"]),
     (("-p", ""), ["prompt is empty"]),
+    (("--max-gpu", 0), ["--max-gpu 0"]),
+    (("-ts", "a,b"), ["--tensor-split 'a,b'"]),
+    (("-ts", "1,2"), ["2 values for 1 ranks"]),
+    (("-sm", "rows"), ["--split-mode 'rows'"]),
+    (("--reduce-type", "f8"), ["--reduce-type 'f8'"]),
+    (("--comm-timeout", 0), ["--comm-timeout 0"]),
+    (("--device", "cuda"), ["no CUDA device"]),
 ])
 def test_bad_generate_flags(tiny_models, extra, needles):
     args = ["generate", "-m", tiny_models["tiny-qwen3"], "-p", "a longer prompt than four tokens", *extra]
@@ -113,3 +120,16 @@ def test_no_prompt(tiny_models):
 def test_click_usage_errors_exit_2():
     r = tp("generate", "-n", "abc")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a host without GPUs")
+def test_more_ranks_than_gpus_is_one_line(tiny_models):
+    r = tp("launch", "--nproc-per-node", 2, "generate", "-m", tiny_models["tiny-qwen3"], "-p", "hi",
+           "--device", "cuda")
+    assert_one_line_error(r, "no CUDA device")
+
+
+def test_launch_bad_arguments():
+    assert_one_line_error(tp("launch", "--nproc-per-node", 0, "generate", "-p", "x"), "--nproc-per-node 0")
+    assert_one_line_error(tp("launch", "--nproc-per-node", 2, "--nnodes", 2, "generate", "-p", "x"),
+                          "needs --rdzv-endpoint")

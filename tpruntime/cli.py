@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 
 import click
@@ -64,8 +65,12 @@ def _exit(code: int) -> None:
 
 
 def _first_line(e: BaseException) -> str:
+    """The gist of an exception: first line, without gloo's source location and advice."""
     text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text.splitlines()[0])
+    return line.split(". This is typically")[0][:300]
 
 
 def _is_comm_failure(e: BaseException) -> bool:
@@ -164,9 +169,12 @@ def _plan_options(world_size: int, split_mode: str, max_gpu: int | None, tensor_
               help="Dtype of the all-reduce on the wire: f32, f16, bf16.")
 @click.option("--comm-timeout", default=20.0, show_default=True,
               help="Seconds a rank waits on a peer during generation before giving up.")
+@click.option("--load-timeout", default=600.0, show_default=True,
+              help="Seconds the ranks wait for the slowest one to load its weights.")
 def generate(model, prompt, prompt_file, n_predict, ctx_size, ubatch_size, temp, top_k, top_p, min_p,
              repeat_penalty, repeat_last_n, seed, device, dtype, no_bos, no_display_prompt, ignore_eos,
-             print_ids, report_memory, split_mode, max_gpu, tensor_split, reduce_type, comm_timeout):
+             print_ids, report_memory, split_mode, max_gpu, tensor_split, reduce_type, comm_timeout,
+             load_timeout):
     """Generate a continuation of a prompt and stream it to stdout.
 
     Under `tpruntime launch` or torchrun every rank runs this command; rank 0 tokenizes,
@@ -198,7 +206,7 @@ def generate(model, prompt, prompt_file, n_predict, ctx_size, ubatch_size, temp,
         check_prompt(len(ids), ctx_size)  # before any weight is read
     engine = open_engine(path, n_ctx=ctx_size, device=device, dtype=dtype, n_ubatch=ubatch_size,
                          options=_plan_options(1, split_mode, max_gpu, tensor_split),
-                         reduce_type=reduce_type, comm_timeout=comm_timeout)
+                         reduce_type=reduce_type, comm_timeout=comm_timeout, load_timeout=load_timeout)
     # On a failure no goodbye is sent: the peers notice (timeout or torchrun) and stop.
     if engine.comm.rank != 0:
         engine.follow()
@@ -309,15 +317,17 @@ def plan(model, world_size, split_mode, max_gpu, tensor_split, kv_bytes):
 @click.option("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node).")
 @click.option("--rdzv-id", default="tpruntime", show_default=True, help="Run id shared by all nodes.")
 @click.option("--master-port", type=int, default=None, help="Port of the single-node rendezvous.")
+@click.option("--rdzv-timeout", type=int, default=300, show_default=True,
+              help="Seconds to wait for every node to join the rendezvous.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
-def launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id, master_port, command):
+def launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id, master_port, rdzv_timeout, command):
     """Run a tpruntime command on several ranks through torchrun, e.g.
     `tpruntime launch --nproc-per-node 2 generate -m model.gguf -p "Hi" --device cuda`."""
     from .launcher import run_torchrun
 
     sys.exit(run_torchrun(list(command), nproc_per_node=nproc_per_node, nnodes=nnodes,
                           node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
-                          master_port=master_port))
+                          master_port=master_port, rdzv_timeout=rdzv_timeout))
 
 
 @main.command()

@@ -8,6 +8,7 @@ goes through here, and only this module imports torch.distributed.
 from __future__ import annotations
 
 import os
+import signal
 from datetime import timedelta
 
 import torch
@@ -65,8 +66,23 @@ def dist_env() -> tuple[int, int, int] | None:
         raise TpError("RANK / WORLD_SIZE / LOCAL_RANK must be integers") from None
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its parent (the torchrun agent) dies, so a
+    killed launcher leaves no orphan ranks behind. Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 class DistComm(Comm):
-    def __init__(self, device: torch.device, reduce_type: str = "f32", timeout_s: float = 20.0):
+    def __init__(self, device: torch.device, reduce_type: str = "f32", timeout_s: float = 20.0,
+                 load_timeout_s: float = 600.0):
+        die_with_parent()
         self.reduce_dtype = REDUCE_DTYPES[reduce_type]
         self.device = device
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -81,7 +97,7 @@ class DistComm(Comm):
         self._steps = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
                        if backend != "gloo" else None)
         # Loading takes as long as the slowest rank's disk: its barrier gets its own patience.
-        self._control = dist.new_group(backend="gloo", timeout=timedelta(hours=1))
+        self._control = dist.new_group(backend="gloo", timeout=timedelta(seconds=load_timeout_s))
 
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         buf = partial.to(self.reduce_dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 
 import torch
@@ -57,22 +58,24 @@ class Engine:
             self._run(tokens, pos0, bool(all_logits))
 
 
-FAULT_KINDS = ("raise", "hang", "exit")
+FAULT_KINDS = ("raise", "hang", "exit", "kill")
+LOAD_STEP = -1  # "load": after joining the group, before the weights are read
 
 
 def _fault_for(rank: int) -> tuple[int, str] | None:
-    """TPRUNTIME_FAULT=RANK:STEP:KIND makes one rank fail at one step (raise an exception,
-    hang, or exit at once), so tests can prove that every other rank stops. Off when unset."""
+    """TPRUNTIME_FAULT=RANK:STEP:KIND makes one rank fail at one step (STEP is a forward
+    step number, prefill chunks included, or `load`): raise an exception, hang, exit, or
+    SIGKILL itself, so tests can prove that every other rank stops. Off when unset."""
     spec = os.environ.get("TPRUNTIME_FAULT")
     if not spec:
         return None
     try:
         r, step, kind = spec.split(":")
-        r, step = int(r), int(step)
+        r, step = int(r), LOAD_STEP if step == "load" else int(step)
         if kind not in FAULT_KINDS:
             raise ValueError
     except ValueError:
-        raise TpError(f"TPRUNTIME_FAULT={spec!r}: expected RANK:STEP:{'|'.join(FAULT_KINDS)}") from None
+        raise TpError(f"TPRUNTIME_FAULT={spec!r}: expected RANK:STEP|load:{'|'.join(FAULT_KINDS)}") from None
     return (step, kind) if r == rank else None
 
 
@@ -81,20 +84,29 @@ def _inject(kind: str, rank: int, step: int) -> None:
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
     if kind == "exit":
         os._exit(70)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
     while True:  # hang: the process lives but never answers its peers again
         time.sleep(3600)
 
 
+def _load_fault(comm: Comm) -> Comm:
+    fault = _fault_for(comm.rank)
+    if fault is not None and fault[0] == LOAD_STEP:
+        _inject(fault[1], comm.rank, LOAD_STEP)
+    return comm
+
+
 def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int,
                 options: PlanOptions, reduce_type: str = "f32", comm_timeout: float = 20.0,
-                progress: bool = True) -> Engine:
+                load_timeout: float = 600.0, progress: bool = True) -> Engine:
     """This process's rank of a run: a single process, or one worker of torchrun / SLURM
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment)."""
     env = dist_env()
     if reduce_type not in REDUCE_DTYPES:
         raise TpError(f"--reduce-type {reduce_type!r}: expected one of {', '.join(REDUCE_DTYPES)}")
-    if comm_timeout <= 0:
-        raise TpError(f"--comm-timeout {comm_timeout}: must be > 0 seconds")
+    if comm_timeout <= 0 or load_timeout <= 0:
+        raise TpError(f"--comm-timeout {comm_timeout} / --load-timeout {load_timeout}: must be > 0 seconds")
     if env is None:
         model = load_model(path, n_ctx=n_ctx, device=device, dtype=dtype, progress=progress, options=options)
         return Engine(model, model.comm, n_ubatch)
@@ -102,6 +114,6 @@ def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int
     options = dataclasses.replace(options, world_size=world)
     model = load_model(path, n_ctx=n_ctx, device=device, dtype=dtype, progress=progress,
                        options=options, local_rank=local_rank,
-                       make_comm=lambda dev: DistComm(dev, reduce_type, comm_timeout))
+                       make_comm=lambda dev: _load_fault(DistComm(dev, reduce_type, comm_timeout, load_timeout)))
     model.comm.barrier()  # every rank loaded: from here on, steps run in lockstep
     return Engine(model, model.comm, n_ubatch)

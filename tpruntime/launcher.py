@@ -14,15 +14,18 @@ from .errors import EXIT_LOST_PEER, TpError
 
 def torchrun_args(command: list[str], *, nproc_per_node: int, nnodes: str = "1", node_rank: int = 0,
                   rdzv_endpoint: str | None = None, rdzv_id: str = "tpruntime",
-                  master_port: int | None = None) -> list[str]:
+                  master_port: int | None = None, rdzv_timeout: int = 300) -> list[str]:
     if nproc_per_node < 1:
         raise TpError(f"--nproc-per-node {nproc_per_node}: must be >= 1")
     if not command:
         raise TpError("launch needs a command, e.g. launch --nproc-per-node 2 generate -m m.gguf -p Hi")
     args = ["--nproc-per-node", str(nproc_per_node), "--nnodes", str(nnodes), "--max-restarts", "0"]
     if rdzv_endpoint:
+        if rdzv_timeout < 1:
+            raise TpError(f"--rdzv-timeout {rdzv_timeout}: must be >= 1 second")
         args += ["--node-rank", str(node_rank), "--rdzv-backend", "c10d",
-                 "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id]
+                 "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id,
+                 "--rdzv-conf", f"join_timeout={rdzv_timeout}"]
     elif str(nnodes) != "1":
         raise TpError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
     elif master_port is not None:
@@ -34,6 +37,7 @@ def torchrun_args(command: list[str], *, nproc_per_node: int, nnodes: str = "1",
 
 def run_torchrun(command: list[str], **kw) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(torchrun_args(command, **kw))
@@ -49,6 +53,9 @@ def run_torchrun(command: list[str], **kw) -> int:
         return report_failure(e.failures)
     except KeyboardInterrupt:
         return 130
+    except RendezvousTimeoutError:
+        raise TpError(f"rendezvous at {kw.get('rdzv_endpoint')} did not complete: not all "
+                      f"{kw.get('nnodes')} nodes joined within {kw.get('rdzv_timeout', 300)} s") from None
     except Exception as e:  # rendezvous that never completes, a bad endpoint, ...
         raise TpError(f"launch failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
     return 0
