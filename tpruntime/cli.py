@@ -135,6 +135,32 @@ def _split_options(f):
     return f
 
 
+def _engine_options(f):
+    """Where and how a command's model runs: device, dtype, split, all-reduce, timeouts."""
+    f = click.option("--load-timeout", default=600.0, show_default=True,
+                     help="Seconds the ranks wait for the slowest one to load its weights.")(f)
+    f = click.option("--comm-timeout", default=20.0, show_default=True,
+                     help="Seconds a rank waits on a peer during generation before giving up.")(f)
+    f = click.option("-grt", "--reduce-type", default="f32", show_default=True,
+                     help="Dtype of the all-reduce on the wire: f32, f16, bf16.")(f)
+    f = _split_options(f)
+    f = click.option("--dtype", default="auto", show_default=True,
+                     help="Weights/activations: auto, f32, f16, bf16.")(f)
+    f = click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")(f)
+    return f
+
+
+def _open_engine(path: str, n_ctx: int, n_ubatch: int, *, device, dtype, split_mode, max_gpu, tensor_split,
+                 reduce_type, comm_timeout, load_timeout):
+    from .engine import open_engine
+
+    if n_ubatch < 1:
+        raise TpError(f"-ub {n_ubatch}: must be >= 1")
+    return open_engine(path, n_ctx=n_ctx, device=device, dtype=dtype, n_ubatch=n_ubatch,
+                       options=_plan_options(1, split_mode, max_gpu, tensor_split),
+                       reduce_type=reduce_type, comm_timeout=comm_timeout, load_timeout=load_timeout)
+
+
 def _plan_options(world_size: int, split_mode: str, max_gpu: int | None, tensor_split: str | None):
     from .plan import PlanOptions
 
@@ -156,25 +182,16 @@ def _plan_options(world_size: int, split_mode: str, max_gpu: int | None, tensor_
 @click.option("--repeat-penalty", default=1.0, show_default=True, help="Repetition penalty (1.0: off).")
 @click.option("--repeat-last-n", default=64, show_default=True, help="Tokens the penalty looks back on.")
 @click.option("-s", "--seed", default=-1, show_default=True, help="RNG seed (-1: random).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("--dtype", default="auto", show_default=True, help="Weights/activations: auto, f32, f16, bf16.")
 @click.option("--no-bos", is_flag=True, help="Do not add the BOS token even if the model asks for it.")
 @click.option("--no-display-prompt", is_flag=True, help="Do not echo the prompt.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-generation tokens.")
 @click.option("--print-ids", is_flag=True, help="Also print the generated token ids to stderr.")
 @click.option("--report-memory", is_flag=True,
               help="Each rank prints its weight bytes against the plan, KV cache and device peak.")
-@_split_options
-@click.option("-grt", "--reduce-type", default="f32", show_default=True,
-              help="Dtype of the all-reduce on the wire: f32, f16, bf16.")
-@click.option("--comm-timeout", default=20.0, show_default=True,
-              help="Seconds a rank waits on a peer during generation before giving up.")
-@click.option("--load-timeout", default=600.0, show_default=True,
-              help="Seconds the ranks wait for the slowest one to load its weights.")
+@_engine_options
 def generate(model, prompt, prompt_file, n_predict, ctx_size, ubatch_size, temp, top_k, top_p, min_p,
-             repeat_penalty, repeat_last_n, seed, device, dtype, no_bos, no_display_prompt, ignore_eos,
-             print_ids, report_memory, split_mode, max_gpu, tensor_split, reduce_type, comm_timeout,
-             load_timeout):
+             repeat_penalty, repeat_last_n, seed, no_bos, no_display_prompt, ignore_eos,
+             print_ids, report_memory, **engine_kw):
     """Generate a continuation of a prompt and stream it to stdout.
 
     Under `tpruntime launch` or torchrun every rank runs this command; rank 0 tokenizes,
@@ -183,15 +200,12 @@ def generate(model, prompt, prompt_file, n_predict, ctx_size, ubatch_size, temp,
     import random
 
     from . import load_tokenizer
-    from .engine import open_engine
     from .generate import check_prompt, generate as run
     from .sampling import Sampler, SamplingParams
 
     text = _read_prompt(prompt, prompt_file)
     if n_predict < -1:
         raise TpError(f"-n {n_predict}: must be -1 (until end) or >= 0")
-    if ubatch_size < 1:
-        raise TpError(f"-ub {ubatch_size}: must be >= 1")
     if seed < -1:
         raise TpError(f"-s {seed}: must be -1 (random) or >= 0")
     if seed == -1:
@@ -204,9 +218,7 @@ def generate(model, prompt, prompt_file, n_predict, ctx_size, ubatch_size, temp,
     ids = tok.encode(text, add_bos=not no_bos and tok.add_bos)
     if ctx_size:
         check_prompt(len(ids), ctx_size)  # before any weight is read
-    engine = open_engine(path, n_ctx=ctx_size, device=device, dtype=dtype, n_ubatch=ubatch_size,
-                         options=_plan_options(1, split_mode, max_gpu, tensor_split),
-                         reduce_type=reduce_type, comm_timeout=comm_timeout, load_timeout=load_timeout)
+    engine = _open_engine(path, ctx_size, ubatch_size, **engine_kw)
     # On a failure no goodbye is sent: the peers notice (timeout or torchrun) and stop.
     if engine.comm.rank != 0:
         engine.follow()
@@ -240,6 +252,43 @@ def _coordinate(engine, tok, text, ids, n_predict, sampler, seed, ubatch_size, n
     click.echo(f"prompt: {res.n_prompt} tokens in {res.t_prompt:.3f} s, {res.prompt_tps:.2f} t/s", err=True)
     click.echo(f"generation: {len(res.tokens)} tokens in {res.t_gen:.3f} s, {res.gen_tps:.2f} t/s "
                f"(stop: {res.stop})", err=True)
+
+
+@main.command("sweep-bench")
+@click.option("-m", "--model", default=None, help="GGUF file (default: the demo model).")
+@click.option("-c", "--ctx-size", default=4096, show_default=True, help="Deepest context to sweep to.")
+@click.option("-ub", "--ubatch-size", default=512, show_default=True, help="Prompt tokens per row (PP).")
+@click.option("-b", "--batch-size", default=2048, show_default=True, help="Logical batch (accepted; >= -ub).")
+@click.option("-n", "--n-gen", "n_tg", default=128, show_default=True, help="Tokens generated per row (TG).")
+@click.option("-wb", "--warmup-batch", is_flag=True, help="Warm up with a full batch too.")
+@click.option("--output", "fmt", type=click.Choice(["md", "json", "csv"]), default="md", show_default=True)
+@click.option("-s", "--seed", default=0, show_default=True, help="Seed of the random tokens.")
+@_engine_options
+def sweep_bench(model, ctx_size, ubatch_size, batch_size, n_tg, warmup_batch, fmt, seed, **engine_kw):
+    """PP and TG speed against KV depth, like llama-sweep-bench (under `launch` for TP)."""
+    from .bench import markdown_header, markdown_row, render, sweep_bench as run
+
+    if ctx_size < 1:
+        raise TpError(f"-c {ctx_size}: must be >= 1")
+    if batch_size < ubatch_size:
+        raise TpError(f"-b {batch_size} must be >= -ub {ubatch_size}")
+    path = _model_path(model)
+    engine = _open_engine(path, ctx_size, ubatch_size, **engine_kw)
+    if engine.comm.rank != 0:
+        engine.follow()
+    else:
+        if fmt == "md":
+            click.echo(f"model: {path}, ranks: {engine.comm.world_size}, device: {engine.device}, "
+                       f"dtype: {str(engine.model.dtype).removeprefix('torch.')}", err=True)
+            click.echo(markdown_header())
+        rows = run(engine, n_ctx=ctx_size, n_ubatch=ubatch_size, n_tg=n_tg, warmup_batch=warmup_batch,
+                   seed=seed, on_row=(lambda r: click.echo(markdown_row(r))) if fmt == "md" else None)
+        if fmt != "md":
+            meta = {**engine_kw, "model": path, "ranks": engine.comm.world_size, "device": str(engine.device),
+                    "dtype": str(engine.model.dtype).removeprefix("torch.")}
+            click.echo(render(rows, fmt, meta))
+        engine.stop()
+    engine.comm.close()
 
 
 @main.command()
