@@ -48,8 +48,11 @@ def sweep_bench(engine, *, n_ctx: int, n_ubatch: int, n_tg: int, warmup_batch: b
     def rand(n: int) -> torch.Tensor:
         return torch.randint(0, n_vocab, (n,), generator=gen)
 
-    # Warm-up (kernels, allocator, graphs): one token, and optionally one full batch.
-    engine.forward(rand(1), 0)
+    # Warm-up (kernels, allocator): one token, and optionally one full batch. A decode step
+    # in every key-length bucket captures its CUDA graph now rather than inside a timed row.
+    graphs = engine.model.graphs
+    for pos in ([b - 1 for b in graphs.buckets()] if graphs is not None else [0]):
+        engine.forward(rand(1), pos)
     if warmup_batch:
         engine.forward(rand(n_ubatch), 0)
     _sync(engine.device)

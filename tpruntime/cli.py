@@ -137,6 +137,8 @@ def _split_options(f):
 
 def _engine_options(f):
     """Where and how a command's model runs: device, dtype, split, all-reduce, timeouts."""
+    f = click.option("--no-cuda-graphs", "no_cuda_graphs", is_flag=True,
+                     help="Decode eagerly instead of replaying captured CUDA graphs.")(f)
     f = click.option("--load-timeout", default=600.0, show_default=True,
                      help="Seconds the ranks wait for the slowest one to load its weights.")(f)
     f = click.option("--comm-timeout", default=20.0, show_default=True,
@@ -151,14 +153,15 @@ def _engine_options(f):
 
 
 def _open_engine(path: str, n_ctx: int, n_ubatch: int, *, device, dtype, split_mode, max_gpu, tensor_split,
-                 reduce_type, comm_timeout, load_timeout):
+                 reduce_type, comm_timeout, load_timeout, no_cuda_graphs):
     from .engine import open_engine
 
     if n_ubatch < 1:
         raise TpError(f"-ub {n_ubatch}: must be >= 1")
     return open_engine(path, n_ctx=n_ctx, device=device, dtype=dtype, n_ubatch=n_ubatch,
                        options=_plan_options(1, split_mode, max_gpu, tensor_split),
-                       reduce_type=reduce_type, comm_timeout=comm_timeout, load_timeout=load_timeout)
+                       reduce_type=reduce_type, comm_timeout=comm_timeout, load_timeout=load_timeout,
+                       cuda_graphs=not no_cuda_graphs)
 
 
 def _plan_options(world_size: int, split_mode: str, max_gpu: int | None, tensor_split: str | None):

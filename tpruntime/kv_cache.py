@@ -18,11 +18,10 @@ class KVCache:
         size = torch.empty((), dtype=dtype).element_size()
         return sum(n * (head_dim + head_dim_v) * size for n in n_head_kv)
 
-    def store(self, il: int, pos0: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [T, heads, d] for positions pos0 .. pos0 + T - 1."""
-        T = k.shape[0]
-        self.k[il][:, pos0:pos0 + T] = k.transpose(0, 1)
-        self.v[il][:, pos0:pos0 + T] = v.transpose(0, 1)
+    def store(self, il: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, heads, d] for positions pos ([T] int64 on the device)."""
+        self.k[il].index_copy_(1, pos, k.transpose(0, 1).to(self.k[il].dtype))
+        self.v[il].index_copy_(1, pos, v.transpose(0, 1).to(self.v[il].dtype))
 
     def view(self, il: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[il][:, start:stop], self.v[il][:, start:stop]

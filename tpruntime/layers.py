@@ -3,6 +3,8 @@ and the local sizes of this rank's shard; the row-parallel linear owns the all-r
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
@@ -15,8 +17,8 @@ Weights = dict[str, torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight
+    # torch's fused kernel: one launch on CUDA where the spelled-out formula takes six.
+    return F.rms_norm(x.float(), weight.shape, weight, eps)
 
 
 class RMSNorm:
@@ -28,13 +30,23 @@ class RMSNorm:
 
 
 class ColumnLinear:
-    """All-to-sharded: full input, this rank's output columns; no communication."""
+    """All-to-sharded: full input, this rank's output columns; no communication.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.weight, self.bias = weight, bias
+    Several projections of the same input (q/k/v, gate/up) are fused into one weight so a
+    decode step reads them in one matrix product; the result is split back by `sizes`."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None):
+        self.sizes = [w.shape[0] for w in weights]
+        self.weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        biases = biases or [None] * len(weights)
+        if any(b is not None for b in biases):
+            self.bias = torch.cat([b if b is not None else self.weight.new_zeros(n)
+                                   for b, n in zip(biases, self.sizes)]).to(self.weight.dtype)
+        else:
+            self.bias = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 class RowLinear:
@@ -45,6 +57,24 @@ class RowLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.comm.all_reduce(F.linear(x.to(self.weight.dtype), self.weight)).float()
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Where a step's tokens sit. `pos` ([T] int64 on the device) is what rope, the KV cache
+    and the mask read, so a captured CUDA graph can be replayed at any position; keys
+    [0, k_stop) may be attended to (a Python int: shapes must not depend on device data).
+    An eager step knows its first position and attends exactly; a captured decode step
+    attends over a fixed bucket and lets the mask hide the positions past `pos`."""
+
+    pos: torch.Tensor
+    k_stop: int
+    first: int | None = None  # the first position when the host knows it (eager)
+    memo: dict = field(default_factory=dict)  # per-step tables shared by the layers
+
+    @staticmethod
+    def eager(pos0: int, n: int, device: torch.device) -> "Positions":
+        return Positions(torch.arange(pos0, pos0 + n, device=device), pos0 + n, pos0)
 
 
 class Rope:
@@ -61,11 +91,12 @@ class Rope:
         self.sin = angles.sin().float().to(device)
         self.dim, self.neox = dim, neox
 
-    def __call__(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
-        """x: [T, heads, head_dim] at positions pos0 .. pos0 + T - 1."""
-        T = x.shape[0]
-        cos = self.cos[pos0:pos0 + T, None, :]
-        sin = self.sin[pos0:pos0 + T, None, :]
+    def __call__(self, x: torch.Tensor, p: "Positions") -> torch.Tensor:
+        """x: [T, heads, head_dim] at positions p.pos."""
+        key = ("rope", id(self))
+        if key not in p.memo:  # once per step, not once per layer
+            p.memo[key] = (self.cos[p.pos][:, None, :], self.sin[p.pos][:, None, :])
+        cos, sin = p.memo[key]
         xf = x.float()
         rot, rest = xf[..., :self.dim], xf[..., self.dim:]
         if self.neox:
@@ -81,9 +112,8 @@ class Attention:
     """Causal (optionally sliding-window) attention over this rank's KV-head group."""
 
     def __init__(self, w: Weights, cfg: ModelConfig, il: int, shard: LayerShard, rope: Rope, comm: Comm):
-        self.attn_q = ColumnLinear(w["attn_q"], w.get("attn_q_bias"))
-        self.attn_k = ColumnLinear(w["attn_k"], w.get("attn_k_bias"))
-        self.attn_v = ColumnLinear(w["attn_v"], w.get("attn_v_bias"))
+        self.attn_qkv = ColumnLinear([w["attn_q"], w["attn_k"], w["attn_v"]],
+                                     [w.get("attn_q_bias"), w.get("attn_k_bias"), w.get("attn_v_bias")])
         self.attn_output = RowLinear(w["attn_output"], comm)
         self.attn_q_norm = RMSNorm(w["attn_q_norm"], cfg.norm_eps) if cfg.qk_norm else None
         self.attn_k_norm = RMSNorm(w["attn_k_norm"], cfg.norm_eps) if cfg.qk_norm else None
@@ -94,36 +124,42 @@ class Attention:
         group = cfg.n_head // cfg.n_head_kv
         self.kv_of_q = torch.tensor([q // group - shard.kv_heads.start for q in shard.q_heads],
                                     dtype=torch.long, device=rope.cos.device)
+        # Whole groups in order: SDPA can broadcast the KV heads itself instead of copying them.
+        self.whole_groups = self.kv_of_q.tolist() == [i // group for i in range(len(shard.q_heads))]
         self.head_dim, self.head_dim_v = cfg.head_dim, cfg.head_dim_v
         self.scale = cfg.attn_scale
         self.window = cfg.sliding_window if cfg.layer_uses_swa(il) else 0
 
-    def __call__(self, x: torch.Tensor, pos0: int, cache: KVCache) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, p: Positions, cache: KVCache) -> torch.Tensor:
         T = x.shape[0]
         if self.n_head == 0:  # this rank sits the layer's attention out: it adds nothing
             return self.attn_output(x.new_zeros(T, 0))
-        q = self.attn_q(x).view(T, self.n_head, self.head_dim)
-        k = self.attn_k(x).view(T, self.n_head_kv, self.head_dim)
-        v = self.attn_v(x).view(T, self.n_head_kv, self.head_dim_v)
+        q, k, v = self.attn_qkv(x)
+        q = q.view(T, self.n_head, self.head_dim)
+        k = k.view(T, self.n_head_kv, self.head_dim)
+        v = v.view(T, self.n_head_kv, self.head_dim_v)
         if self.attn_q_norm is not None:
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        q, k = self.rope(q, pos0), self.rope(k, pos0)
-        cache.store(self.il, pos0, k, v)
+        q, k = self.rope(q, p), self.rope(k, p)
+        cache.store(self.il, p.pos, k, v)
 
-        end = pos0 + T
-        start = max(0, pos0 - self.window + 1) if self.window else 0
-        keys, values = cache.view(self.il, start, end)  # [n_head_kv, S, d]
-        if self.n_head != self.n_head_kv:
+        start = max(0, p.first - self.window + 1) if self.window and p.first is not None else 0
+        keys, values = cache.view(self.il, start, p.k_stop)  # [n_head_kv, S, d]
+        if self.n_head != self.n_head_kv and not self.whole_groups:
             keys, values = keys[self.kv_of_q], values[self.kv_of_q]
         mask = None
-        if T > 1 or self.window:
-            q_pos = torch.arange(pos0, end, device=x.device)[:, None]
-            k_pos = torch.arange(start, end, device=x.device)[None, :]
-            mask = k_pos <= q_pos
-            if self.window:
-                mask &= q_pos - k_pos < self.window
-        out = F.scaled_dot_product_attention(q.to(keys.dtype).transpose(0, 1), keys, values,
-                                             attn_mask=mask, scale=self.scale)
+        if T > 1 or self.window or p.first is None:
+            key = ("mask", start, self.window)
+            if key not in p.memo:  # once per step for each kind of layer
+                k_pos = torch.arange(start, p.k_stop, device=x.device)[None, :]
+                q_pos = p.pos[:, None]
+                mask = k_pos <= q_pos
+                if self.window:
+                    mask &= q_pos - k_pos < self.window
+                p.memo[key] = mask
+            mask = p.memo[key]
+        out = F.scaled_dot_product_attention(q.to(keys.dtype).transpose(0, 1), keys, values, attn_mask=mask,
+                                             scale=self.scale, enable_gqa=self.n_head != keys.shape[0])
         return self.attn_output(out.transpose(0, 1).reshape(T, self.n_head * self.head_dim_v))
 
 
@@ -136,13 +172,13 @@ class GatedFFN:
     }
 
     def __init__(self, w: Weights, cfg: ModelConfig, comm: Comm):
-        self.ffn_gate = ColumnLinear(w["ffn_gate"])
-        self.ffn_up = ColumnLinear(w["ffn_up"])
+        self.ffn_gate_up = ColumnLinear([w["ffn_gate"], w["ffn_up"]])
         self.ffn_down = RowLinear(w["ffn_down"], comm)
         self.act = self.ACTIVATIONS[cfg.activation]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_down(self.act(self.ffn_gate(x)) * self.ffn_up(x))
+        gate, up = self.ffn_gate_up(x)
+        return self.ffn_down(self.act(gate) * up)
 
 
 class DecoderBlock:
@@ -157,8 +193,8 @@ class DecoderBlock:
         self.post_attention_norm = RMSNorm(w["post_attention_norm"], eps) if cfg.sandwich_norm else None
         self.post_ffw_norm = RMSNorm(w["post_ffw_norm"], eps) if cfg.sandwich_norm else None
 
-    def __call__(self, h: torch.Tensor, pos0: int, cache: KVCache, trace=None) -> torch.Tensor:
-        a = self.attn(self.attn_norm(h), pos0, cache)
+    def __call__(self, h: torch.Tensor, p: Positions, cache: KVCache, trace=None) -> torch.Tensor:
+        a = self.attn(self.attn_norm(h), p, cache)
         if self.post_attention_norm is not None:
             a = self.post_attention_norm(a)
         h = h + a

@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .errors import TpError
 from .gguf_file import GGUFFile
 from .kv_cache import KVCache
-from .layers import DecoderBlock, Rope, rms_norm
+from .layers import DecoderBlock, Positions, Rope, rms_norm
 from .loader import load_raw_rows, load_tensor
 from .models import model_config
 from .plan import PlanOptions, RankShard, make_plan
@@ -72,6 +72,10 @@ class Transformer:
             self.blocks.append(DecoderBlock(layer_w[il], cfg, il, ls, ropes[key], block_comm))
         self.cache = KVCache([len(ls.kv_heads) for ls in shard.layers], n_ctx, cfg.head_dim,
                              cfg.head_dim_v, self.device, dtype)
+        self.graphs: DecodeGraphs | None = None
+
+    def use_cuda_graphs(self, on: bool = True) -> None:
+        self.graphs = DecodeGraphs(self) if on and self.device.type == "cuda" else None
 
     def memory_report(self) -> str:
         """One line: what this rank holds against its plan, its KV cache, its device peak."""
@@ -95,19 +99,25 @@ class Transformer:
         """Run tokens at positions pos0 .. pos0 + T - 1 through the model, filling the KV cache.
 
         Returns float32 logits over the whole vocabulary on rank 0 ([T, n_vocab] or, by
-        default, only the last position's [1, n_vocab]); None on the other ranks.
+        default, only the last position's [1, n_vocab]); None on the other ranks. A single
+        decoded token replays a captured CUDA graph when graphs are on.
         """
         T = tokens.shape[0]
         if pos0 + T > self.n_ctx:
             raise ValueError(f"positions {pos0}..{pos0 + T} exceed the context of {self.n_ctx}")
+        if T == 1 and not all_logits and self.graphs is not None:
+            return self.graphs(int(tokens[0]), pos0)
+        return self._step(tokens.to(self.device), Positions.eager(pos0, T, self.device), T if all_logits else 1)
+
+    def _step(self, tokens: torch.Tensor, p: Positions, n_out: int) -> torch.Tensor | None:
+        """One forward pass; device-side only, so it can be captured in a CUDA graph."""
         shard = self.shard
         if shard.first_stage:
-            h = self.embed(tokens.to(self.device))
+            h = self.embed(tokens)
         else:
-            h = self.comm.recv_hidden((T, self.cfg.n_embd), shard.rank - 1, self.device)
+            h = self.comm.recv_hidden((tokens.shape[0], self.cfg.n_embd), shard.rank - 1, self.device)
         for blk in self.blocks:
-            h = blk(h, pos0, self.cache, self.trace)
-        n_out = T if all_logits else 1
+            h = blk(h, p, self.cache, self.trace)
         if shard.last_stage:
             h = rms_norm(h[-n_out:], self.output_norm, self.cfg.norm_eps)
             logits = torch.nn.functional.linear(h.to(self.dtype), self.output).float()
@@ -116,6 +126,55 @@ class Transformer:
             logits = torch.empty(n_out, 0, device=self.device)
         return self.comm.gather_vocab(logits, shard.vocab_sizes)
 
+
+class DecodeGraphs:
+    """The single-token decode step of this rank, all-reduces included, captured as CUDA
+    graphs: one per key-length bucket (powers of two from 256 up to the context), so a step
+    attends over at most twice the keys it needs. Per token the host writes the token and
+    position into static buffers and replays. Every rank captures the same bucket at the
+    same step, since every rank runs the same steps."""
+
+    MIN_BUCKET = 256
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.token = torch.zeros(1, dtype=torch.long, device=model.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def buckets(self) -> list[int]:
+        out, n = [], self.MIN_BUCKET
+        while n < self.model.n_ctx:
+            out.append(n)
+            n *= 2
+        return out + [self.model.n_ctx]
+
+    def bucket(self, pos0: int) -> int:
+        return next(b for b in self.buckets() if b > pos0)
+
+    def __call__(self, token: int, pos0: int) -> torch.Tensor | None:
+        self.token.fill_(token)  # a kernel with a scalar argument: no host-device sync
+        self.pos.fill_(pos0)
+        n_keys = self.bucket(pos0)
+        if n_keys not in self.graphs:
+            self.graphs[n_keys] = self._capture(n_keys)
+        graph, logits = self.graphs[n_keys]
+        graph.replay()
+        return logits
+
+    def _capture(self, n_keys: int):
+        # A fresh Positions each pass: its per-step tables must be computed inside the graph.
+        side = torch.cuda.Stream(self.model.device)
+        side.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(side):  # warm-up: allocator, library handles, communicators
+            for _ in range(2):
+                self.model._step(self.token, Positions(self.pos, n_keys), 1)
+        torch.cuda.current_stream(self.model.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model._step(self.token, Positions(self.pos, n_keys), 1)
+        return graph, logits
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -142,7 +201,8 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str = "auto",
                progress: bool = True, options: PlanOptions = PlanOptions(), local_rank: int = 0,
-               make_comm: Callable[[torch.device], Comm] = lambda dev: Comm()) -> Transformer:
+               make_comm: Callable[[torch.device], Comm] = lambda dev: Comm(),
+               cuda_graphs: bool = True) -> Transformer:
     """Open, validate and load a GGUF model: this rank's shard of it under `options`.
 
     Every check (file, flags, plan) runs before `make_comm` joins the other ranks and before
@@ -164,5 +224,6 @@ def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str 
     model = Transformer(gf, cfg, plan.ranks[comm.rank], comm, n_ctx=n_ctx, device=dev,
                         dtype=DTYPES[dtype], progress=progress and comm.rank == 0)
     model.planned_bytes = plan.resident_bytes(comm.rank, gf, DTYPES[dtype].itemsize)
+    model.use_cuda_graphs(cuda_graphs)
     return model
 
