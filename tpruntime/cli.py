@@ -43,8 +43,9 @@ class _Group(click.Group):
             if os.environ.get("TPRUNTIME_DEBUG"):
                 raise
             if _is_comm_failure(e):
+                cause = e.__cause__ or e
                 click.echo(f"{prefix}error: lost contact with the other ranks (one died, hung or was "
-                           f"killed): {_first_line(e)}", err=True)
+                           f"killed): {_first_line(cause)}", err=True)
                 _exit(EXIT_LOST_PEER)
             # a bug, not bad input: one line unless asked for more
             click.echo(f"{prefix}internal error: {type(e).__name__}: {_first_line(e)} "
@@ -76,10 +77,10 @@ def _first_line(e: BaseException) -> str:
 def _is_comm_failure(e: BaseException) -> bool:
     import torch.distributed as dist
 
-    text = str(e).lower()
-    return isinstance(e, (dist.DistError, ConnectionError, TimeoutError)) or (
-        isinstance(e, RuntimeError) and any(w in text for w in ("gloo", "nccl", "connection closed",
-                                                                "connection reset", "timed out")))
+    from .comm import PeerLostError
+
+    # Joining the group (rendezvous, store) fails with torch's own DistError types.
+    return isinstance(e, (PeerLostError, dist.DistError, ConnectionError, TimeoutError))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -55,6 +55,27 @@ class Comm:
         pass
 
 
+class PeerLostError(RuntimeError):
+    """A collective failed: a peer died, hung past the timeout or closed its connection."""
+
+
+def _collective(fn):
+    """Any failure inside a collective means the group is broken: say so with one type, so
+    the CLI need not guess from gloo's or NCCL's wording."""
+
+    def wrapper(self, *args, **kw):
+        try:
+            return fn(self, *args, **kw)
+        except PeerLostError:
+            raise
+        except Exception as e:
+            raise PeerLostError(f"{fn.__name__} failed: {e}") from e
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
 def dist_env() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) when started by torchrun / SLURM-style env; else None."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -99,11 +120,13 @@ class DistComm(Comm):
         # Loading takes as long as the slowest rank's disk: its barrier gets its own patience.
         self._control = dist.new_group(backend="gloo", timeout=timedelta(seconds=load_timeout_s))
 
+    @_collective
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         buf = partial.to(self.reduce_dtype)
         dist.all_reduce(buf)
         return buf.float()
 
+    @_collective
     def gather_vocab(self, logits: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
         if self.rank != 0:
             if logits.shape[-1]:
@@ -119,14 +142,17 @@ class DistComm(Comm):
                 parts.append(buf)
         return torch.cat(parts, dim=-1)
 
+    @_collective
     def send_hidden(self, h: torch.Tensor, dst: int) -> None:
         dist.send(h.contiguous(), dst)
 
+    @_collective
     def recv_hidden(self, shape: tuple[int, ...], src: int, device: torch.device) -> torch.Tensor:
         buf = torch.empty(shape, dtype=torch.float32, device=device)
         dist.recv(buf, src)
         return buf
 
+    @_collective
     def broadcast_step(self, msg: torch.Tensor | None, n_max: int) -> torch.Tensor:
         buf = torch.zeros(HEADER + n_max, dtype=torch.long)
         if self.rank == 0:
@@ -134,6 +160,7 @@ class DistComm(Comm):
         dist.broadcast(buf, 0, group=self._steps)
         return buf
 
+    @_collective
     def barrier(self) -> None:
         dist.barrier(group=self._control)
 
