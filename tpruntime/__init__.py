@@ -10,7 +10,11 @@ def load_tokenizer(path):
     from .gguf_file import GGUFFile
     from .tokenizer import Tokenizer
 
-    return Tokenizer.from_metadata(GGUFFile(path).metadata)
+    gf = GGUFFile(path)
+    try:
+        return Tokenizer.from_metadata(gf.metadata)
+    except TpError as e:
+        raise TpError(f"{gf.path}: {e}") from None
 
 
 __all__ = ["TpError", "load_tokenizer", "__version__"]

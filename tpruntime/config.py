@@ -13,6 +13,10 @@ from typing import Any, Callable
 
 from .errors import TpError
 
+# Far beyond any model (the largest have ~130 layers), small enough that per-layer tables stay
+# cheap: a hostile block_count must not make the tensor table or the plan take minutes.
+MAX_LAYERS = 4096
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -85,16 +89,26 @@ class Metadata:
             raise self._err(f"metadata {full!r} should be {kind.__name__}, got {type(v).__name__}")
         return v
 
-    def get_int(self, key: str, default: int | None = None, required: bool = False, minimum: int = 1) -> int:
+    def get_int(self, key: str, default: int | None = None, required: bool = False, minimum: int = 1,
+                maximum: int | None = None) -> int:
         v = self._get(key, int, default, required)
         if v is not None and v < minimum:
             raise self._err(f"metadata {key.replace('{arch}', self.arch)!r} = {v} (must be >= {minimum})")
+        if v is not None and maximum is not None and v > maximum:
+            raise self._err(f"metadata {key.replace('{arch}', self.arch)!r} = {v} (must be <= {maximum})")
         return v
 
-    def get_float(self, key: str, default: float | None = None, required: bool = False) -> float:
+    def get_float(self, key: str, default: float | None = None, required: bool = False,
+                  positive: bool = False, minimum: float | None = None) -> float:
         v = self._get(key, float, default, required)
+        full = key.replace("{arch}", self.arch)
         if v is not None and not math.isfinite(v):
-            raise self._err(f"metadata {key.replace('{arch}', self.arch)!r} is not finite")
+            raise self._err(f"metadata {full!r} is not finite")
+        # A zero or negative rope base or scale, or a negative epsilon, turns every logit into NaN.
+        if v is not None and positive and v <= 0:
+            raise self._err(f"metadata {full!r} = {v} (must be > 0)")
+        if v is not None and minimum is not None and v < minimum:
+            raise self._err(f"metadata {full!r} = {v} (must be >= {minimum})")
         return v
 
     def get_str(self, key: str, default: str | None = None) -> str | None:
@@ -115,25 +129,25 @@ def base_hparams(m: Metadata, n_vocab: int) -> dict[str, Any]:
     if rope_dim > head_dim or rope_dim % 2:
         raise m._err(f"rope.dimension_count {rope_dim} must be even and <= head size {head_dim}")
     scaling = m.get_str("{arch}.rope.scaling.type", default="none")
-    factor = m.get_float("{arch}.rope.scaling.factor", default=0.0)
+    factor = m.get_float("{arch}.rope.scaling.factor", default=0.0, minimum=0.0)
     if scaling not in ("none", "linear") and factor not in (0.0, 1.0):
         raise m._err(f"rope scaling {scaling!r} is not supported (none, linear)")
     freq_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
     if f"{m.arch}.rope.scale_linear" in m.md:  # older files
-        freq_scale = 1.0 / m.get_float("{arch}.rope.scale_linear")
+        freq_scale = 1.0 / m.get_float("{arch}.rope.scale_linear", positive=True)
     return dict(
         arch=m.arch,
         n_vocab=n_vocab,
         n_embd=n_embd,
-        n_layer=m.get_int("{arch}.block_count", required=True),
+        n_layer=m.get_int("{arch}.block_count", required=True, maximum=MAX_LAYERS),
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         head_dim_v=m.get_int("{arch}.attention.value_length", default=head_dim),
         n_ff=m.get_int("{arch}.feed_forward_length", required=True),
         n_ctx_train=m.get_int("{arch}.context_length", required=True),
-        norm_eps=m.get_float("{arch}.attention.layer_norm_rms_epsilon", required=True),
-        rope_base=m.get_float("{arch}.rope.freq_base", default=10000.0),
+        norm_eps=m.get_float("{arch}.attention.layer_norm_rms_epsilon", required=True, minimum=0.0),
+        rope_base=m.get_float("{arch}.rope.freq_base", default=10000.0, positive=True),
         rope_dim=rope_dim,
         rope_freq_scale=freq_scale,
         attn_scale=1.0 / math.sqrt(head_dim),

@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
+from gguf.constants import GGMLQuantizationType
+
 from .config import ModelConfig
 from .errors import TpError
 from .gguf_file import GGUFFile
@@ -82,20 +85,51 @@ def dense_tensor_table(cfg: ModelConfig) -> list[TensorSpec]:
     return specs
 
 
+def _source(gf: GGUFFile, s: TensorSpec) -> str | None:
+    return s.name if s.name in gf.tensors else s.tied_to if s.tied_to in gf.tensors else None
+
+
+def check_shapes(gf: GGUFFile, specs: list[TensorSpec]) -> None:
+    """Every tensor the file has must have the shape the metadata implies (absent ones are
+    resolve's business), so a file whose metadata disagrees with its tensors is named as such
+    before anything (the plan included) computes with those hyperparameters."""
+    for s in specs:
+        src = _source(gf, s)
+        if src is not None and gf.tensors[src].shape != s.shape:
+            raise TpError(f"{gf.path}: tensor {src!r} has shape {list(gf.tensors[src].shape)}, the "
+                          f"metadata implies {list(s.shape)}")
+
+
+_FLOAT_VIEWS = {GGMLQuantizationType.F32: "<f4", GGMLQuantizationType.F16: "<f2",
+                GGMLQuantizationType.BF16: "<u2"}
+
+
+def check_finite(gf: GGUFFile, name: str) -> None:
+    """A NaN or infinity in a norm weight, bias or rope factor makes every logit NaN; these
+    1-D tensors are small, so they are read and checked before loading."""
+    t = gf.tensors[name]
+    view = _FLOAT_VIEWS.get(t.ggml_type)
+    if view is None or len(t.dims) != 1:
+        return
+    v = gf.raw(name).view(view)
+    if t.ggml_type == GGMLQuantizationType.BF16:
+        v = (v.astype("<u4") << 16).view("<f4")
+    bad = np.flatnonzero(~np.isfinite(v))
+    if bad.size:
+        raise TpError(f"{gf.path}: tensor {name!r} holds {bad.size} NaN or infinite value(s), the first "
+                      f"at index {bad[0]} ({v[bad[0]]})")
+
+
 def resolve(gf: GGUFFile, specs: list[TensorSpec]) -> dict[str, str | None]:
     """Map each spec to the file tensor it reads (itself, its tie, or None if optional and
-    absent), checking presence and shape first so a bad file fails before any weight is read."""
+    absent), checking presence, shape and the values of 1-D float tensors first so a bad file
+    fails before any weight is read."""
+    check_shapes(gf, specs)
     out: dict[str, str | None] = {}
     for s in specs:
-        src = s.name if s.name in gf.tensors else s.tied_to if s.tied_to in gf.tensors else None
-        if src is None:
-            if not s.optional:
-                raise TpError(f"{gf.path}: missing tensor {s.name!r}")
-            out[s.name] = None
-            continue
-        shape = gf.tensors[src].shape
-        if shape != s.shape:
-            raise TpError(f"{gf.path}: tensor {src!r} has shape {list(shape)}, the metadata "
-                          f"implies {list(s.shape)}")
-        out[s.name] = src
+        src = out[s.name] = _source(gf, s)
+        if src is None and not s.optional:
+            raise TpError(f"{gf.path}: missing tensor {s.name!r}")
+        if src is not None and len(s.shape) == 1:
+            check_finite(gf, src)
     return out

@@ -234,7 +234,7 @@ class Tokenizer:
         if model is None:
             raise TpError("no tokenizer in the metadata (tokenizer.ggml.model is missing)")
         if model not in ("llama", "gpt2"):
-            raise TpError(f"unsupported tokenizer model '{model}'")
+            raise TpError(f"unsupported tokenizer model {model!r:.60}")  # repr: one line whatever it holds
         tokens = md.get("tokenizer.ggml.tokens")
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
             raise TpError("tokenizer.ggml.tokens is missing, empty or not a list of strings")
@@ -261,8 +261,8 @@ class Tokenizer:
         merges = None
         if model == "gpt2":
             pre = "default" if pre is None else pre
-            if pre not in _PRE_FAMILY:
-                raise TpError(f"unsupported pre-tokenizer '{pre}'")
+            if not isinstance(pre, str) or pre not in _PRE_FAMILY:  # a list is unhashable
+                raise TpError(f"unsupported pre-tokenizer {pre!r:.60}")
             merges = md.get("tokenizer.ggml.merges")
             if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
                 raise TpError("tokenizer.ggml.merges is missing or not a list of strings")

@@ -3,6 +3,7 @@
 from ..config import Metadata, ModelConfig
 from ..errors import TpError
 from ..gguf_file import GGUFFile
+from ..tensors import check_shapes, dense_tensor_table
 from . import gemma3, llama, qwen2, qwen3
 
 ARCHITECTURES = {
@@ -19,7 +20,16 @@ def model_config(gf: GGUFFile) -> ModelConfig:
         raise TpError(f"{gf.path}: architecture {arch!r} is not supported "
                       f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     m = Metadata(gf.metadata, arch, gf.path)
-    return ARCHITECTURES[arch](m, _n_vocab(gf, m))
+    cfg = ARCHITECTURES[arch](m, _n_vocab(gf, m))
+    # Every layer has tensors: a larger count is a corrupt field, refused before per-layer tables
+    # are built for it (files without tensors, e.g. vocab files, still give their config).
+    if gf.tensors and cfg.n_layer > len(gf.tensors):
+        raise TpError(f"{gf.path}: metadata '{arch}.block_count' = {cfg.n_layer}, more layers than the "
+                      f"file has tensors ({len(gf.tensors)})")
+    # Before the plan divides heads and FFN blocks by these numbers: metadata that disagrees
+    # with the tensors is reported as that, not as an odd split.
+    check_shapes(gf, dense_tensor_table(cfg))
+    return cfg
 
 
 def _n_vocab(gf: GGUFFile, m: Metadata) -> int:
