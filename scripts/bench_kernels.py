@@ -1,0 +1,318 @@
+"""Bandwidth of tpruntime.kernels.gemv.qgemv on a CUDA device, against cuBLAS bf16 GEMV.
+
+For each quant type and weight shape (n_out x k_in): median time per call, GB/s = weight bytes /
+time, % of the HBM bandwidth (H200 4.28 TB/s measured, H100 3.35 TB/s spec) and torch bf16
+`x @ W.T` (cuBLAS) on the same shape. The weights rotate among buffers of > 4x L2 in total. The
+main number replays a CUDA graph of >= 32 calls (kernel time, as a graph-captured decode step
+sees it); `triton.testing.do_bench` (median, L2 flushed before each run) is reported beside it for
+the default configs: at these sizes it also counts the host launch, which it cannot hide.
+Every default configuration (and every swept one on the first shape) is checked against a
+float64 reference at the real shape.
+
+    python scripts/bench_kernels.py                  # default configs, T=1, bf16 x
+    python scripts/bench_kernels.py --sweep          # tile configs per type, best one per shape
+    python scripts/bench_kernels.py --tokens 1 2 4 8 --xdtype f32 --jobs 16
+
+Kernels compile first in --jobs worker processes (into Triton's on-disk cache); the markdown
+table comes last. Writes bench.json and bench.md under --out (default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+
+SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288), (25600, 5120), (5120, 25600)]
+TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0"]
+HBM = {"H200": 4.28e12, "H100": 3.35e12}
+L2_ROTATE = 200e6  # bytes of distinct weight buffers to cycle through per timed case (L2: 50 MB)
+
+# --sweep: configurations per type family, as overrides of default_config (kernels/gemv.py:
+# ORD orders the tile's block / group / vector axes, BN rows per program, BB blocks per step,
+# derived from the warps where not given).
+SWEEP_K = [dict(BN=2), dict(ORD=1, num_warps=2), dict(BB=16), dict(num_warps=2), dict(BN=8),
+           dict(ORD=1, num_warps=2, BN=2), dict(num_warps=4)]
+SWEEP_6K = [dict(BN=2), dict(BN=8), dict(num_warps=2), dict(BB=8), dict(ORD=1), dict(num_warps=4)]
+SWEEP_0 = [dict(BN=2), dict(ORD=1, num_warps=2), dict(BN=8), dict(num_warps=2), dict(BB=64),
+           dict(BN=4, num_warps=4)]
+SWEEP_T = [dict(BN=4, TG=2), dict(BN=2, TG=2), dict(BN=2, TG=4), dict(BN=4, TG=4)]
+
+
+def sweep_for(qname: str) -> list[dict]:
+    return SWEEP_K if qname in ("Q4_K", "Q5_K") else SWEEP_6K if qname == "Q6_K" else SWEEP_0
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}[name]
+
+
+def timed_weights(qtype, n: int, k: int, n_buf: int, dev) -> list[torch.Tensor]:
+    """Random bytes with every f16 scale field set to a small finite value (content does not
+    matter for time, NaN/inf scales would only make the check meaningless)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from tpruntime.quants import F16_FIELDS
+    block, ts = GGML_QUANT_SIZES[qtype]
+    nb = k // block
+    out = []
+    for _ in range(n_buf):
+        w = torch.randint(0, 256, (n, nb, ts), dtype=torch.uint8, device=dev)
+        for off in F16_FIELDS[qtype]:
+            if off is not None:
+                w[:, :, off:off + 2] = torch.tensor([0x00, 0x20], dtype=torch.uint8, device=dev)
+        out.append(w.view(n, nb * ts))
+    return out
+
+
+def _compile_one(task) -> tuple:
+    """Worker: run one configuration once so that its kernel lands in Triton's disk cache."""
+    qname, n, k, t, xd, cfg = task
+    t0 = time.perf_counter()
+    try:
+        from gguf.constants import GGMLQuantizationType as Q
+
+        from tpruntime.kernels.gemv import qgemv, weight_bytes
+        qtype = Q[qname]
+        w = torch.zeros(weight_bytes(qtype, n, k), dtype=torch.uint8, device="cuda").view(n, -1)
+        x = torch.zeros(t, k, dtype=dtype_of(xd), device="cuda")
+        qgemv(x, w, qtype, n, k, config=cfg)
+        torch.cuda.synchronize()
+        return task, time.perf_counter() - t0, None
+    except Exception as e:  # reported, and the main process will hit it again with a traceback
+        return task, time.perf_counter() - t0, repr(e)
+
+
+def precompile(tasks: list, jobs: int) -> None:
+    t0 = time.perf_counter()
+    uniq = list({json.dumps(tk, sort_keys=True): tk for tk in tasks}.values())
+    if jobs <= 1:
+        res = [_compile_one(tk) for tk in uniq]
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as ex:
+            res = list(ex.map(_compile_one, uniq))
+    bad = [r for r in res if r[2]]
+    print(f"precompiled {len(uniq)} cases with {jobs} jobs in {time.perf_counter() - t0:.1f} s"
+          f" (slowest {max((r[1] for r in res), default=0):.1f} s); {len(bad)} failed", flush=True)
+    for r in bad:
+        print("  compile failed:", r[0], r[2], flush=True)
+
+
+def bench_time(fn, n_buf: int, reps: int = 10) -> float:
+    """Median seconds per fn(i) call, from CUDA-graph replays of >= 32 calls that cycle through
+    the n_buf weight buffers: no host launch cost and no idle gaps in the number (the host side
+    of qgemv is timed separately)."""
+    calls = n_buf * max(1, math.ceil(32 / n_buf))
+    for i in range(n_buf):
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for j in range(calls):
+            fn(j % n_buf)
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(reps):
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) * 1e-3 / calls)
+    del g
+    return float(np.median(ts))
+
+
+def host_us(fn, n: int = 300) -> float:
+    """Host-side microseconds per call (launch included, no sync)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def check(qtype, n: int, k: int, t: int, xd: str, cfg: dict | None, dev) -> float:
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from tpruntime.kernels.gemv import qgemv
+    from tpruntime.quants import dequantize, random_blocks
+    rng = np.random.default_rng(n + k + t)
+    block = GGML_QUANT_SIZES[qtype][0]
+    raw = torch.from_numpy(random_blocks(qtype, n * k // block, rng)).to(dev).view(n, -1)
+    x = torch.randn(t, k, device=dev).to(dtype_of(xd))
+    out = qgemv(x, raw, qtype, n, k, config=cfg)
+    ref = x.double() @ dequantize(raw.reshape(-1), qtype, (n, k)).double().T
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--types", nargs="+", default=TYPES)
+    ap.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in SHAPES], help="n_out x k_in")
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1])
+    ap.add_argument("--xdtype", nargs="+", default=["bf16"], choices=["bf16", "f32", "f16"])
+    ap.add_argument("--sweep", action="store_true", help="time sweep_for(type) configs too")
+    ap.add_argument("--sweep-shapes", type=int, default=99, help="sweep only the first N shapes")
+    ap.add_argument("--token-shapes", type=int, nargs="+", default=[1, 2],
+                    help="indices of the shapes that T > 1 runs on (first x dtype only)")
+    ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    from gguf.constants import GGMLQuantizationType as Q
+
+    from tpruntime.kernels.gemv import _plan, default_config, qgemv, weight_bytes
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(dev)
+    hbm = next((v for key, v in HBM.items() if key in name), 3.35e12)
+    print(f"device: {name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MiB; "
+          f"HBM reference {hbm / 1e12:.2f} TB/s; torch {torch.__version__}", flush=True)
+
+    # the copy ceiling: bytes read + written by a large device-to-device copy
+    a = torch.empty(2**30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    import triton.testing
+    copy_bw = 2 * a.numel() / (triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") * 1e-3)
+    read_bw = a.numel() / (triton.testing.do_bench(lambda: a.view(torch.float32).sum(), return_mode="median") * 1e-3)
+    del a, b
+    print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write); torch sum over 1 GiB: "
+          f"{read_bw / 1e9:.0f} GB/s", flush=True)
+
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    cases = []  # (qname, n, k, t, xd, cfg or None, label)
+    for qname in args.types:
+        for si, (n, k) in enumerate(shapes):
+            for t in args.tokens:
+                for xd in args.xdtype:
+                    if t > 1 and (si not in args.token_shapes or xd != args.xdtype[0]):
+                        continue
+                    cases.append((qname, n, k, t, xd, None, "default"))
+                    if args.sweep and si < args.sweep_shapes and xd == args.xdtype[0]:
+                        dflt = default_config(Q[qname], n, k, t, dtype_of(xd).itemsize)
+                        for i, cfg in enumerate(sweep_for(qname) if t == 1 else SWEEP_T):
+                            if any(dflt.get(key) != val for key, val in cfg.items()):
+                                cases.append((qname, n, k, t, xd, cfg, f"s{i}"))
+    precompile([c[:6] for c in cases], args.jobs)
+    # settle clocks (and the workers' teardown) before timing anything
+    wq = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    t_end = time.perf_counter() + 2.0
+    while time.perf_counter() < t_end:
+        wq @ wq
+        torch.cuda.synchronize()
+    del wq
+    hosts = {}
+
+    rows = []
+    cublas = {}
+    for qname, n, k, t, xd, cfg, label in cases:
+        qtype = Q[qname]
+        wb = weight_bytes(qtype, n, k)
+        kw = _plan(qtype, n, k, t, dtype_of(xd), True, tuple(sorted(cfg.items())) if cfg else ())[3]
+        full = {key: kw[key] for key in ("ORD", "num_warps", "BN", "BB", "TG")}
+        row = dict(type=qname, n_out=n, k_in=k, T=t, x=xd, label=label, req=cfg, cfg=full, weight_MB=wb / 1e6)
+        try:
+            if not args.no_check and ((cfg is None and (t == 1 or (n, k) == shapes[args.token_shapes[0]]))
+                                      or (n, k) == shapes[0]):
+                row["rel_err"] = check(qtype, n, k, t, xd, cfg, dev)
+            n_buf = max(2, min(32, math.ceil(L2_ROTATE / wb)))
+            ws = timed_weights(qtype, n, k, n_buf, dev)
+            x = torch.randn(t, k, device=dev).to(dtype_of(xd))
+            sec = bench_time(lambda i: qgemv(x, ws[i], qtype, n, k, config=cfg), n_buf)
+            if label == "default" and t == 1:
+                row["do_bench_us"] = 1e3 * triton.testing.do_bench(
+                    lambda: qgemv(x, ws[0], qtype, n, k, config=cfg), warmup=10, rep=50, return_mode="median")
+            if label == "default" and (qname, t, xd) not in hosts:
+                hosts[(qname, t, xd)] = host_us(lambda: qgemv(x, ws[0], qtype, n, k))
+                print(f"host {qname} T={t} {xd}: {hosts[(qname, t, xd)]:.1f} us per qgemv call", flush=True)
+            del ws
+            row.update(us=sec * 1e6, GBps=wb / sec / 1e9, pct_hbm=100 * wb / sec / hbm, pct_copy=100 * wb / sec / copy_bw)
+            if (n, k, t) not in cublas:
+                nbf = max(2, min(16, math.ceil(L2_ROTATE / (2 * n * k))))
+                wbf = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(nbf)]
+                xb = torch.randn(t, k, device=dev, dtype=torch.bfloat16)
+                cublas[(n, k, t)] = bench_time(lambda i: xb @ wbf[i].T, nbf)
+                if "cublas" not in hosts:
+                    hosts["cublas"] = host_us(lambda: xb @ wbf[0].T)
+                    print(f"host cuBLAS: {hosts['cublas']:.1f} us per matmul call", flush=True)
+                del wbf
+            row["cublas_us"] = cublas[(n, k, t)] * 1e6
+            row["cublas_GBps"] = 2 * n * k / cublas[(n, k, t)] / 1e9
+            row["speedup"] = cublas[(n, k, t)] / sec
+        except Exception:
+            row["error"] = traceback.format_exc(limit=3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(dict(device=name, copy_GBps=copy_bw / 1e9, read_GBps=read_bw / 1e9, hbm_GBps=hbm / 1e9,
+                       host_us={str(k): v for k, v in hosts.items()}, rows=rows), f, indent=1)
+
+    table = report(rows, f"device: {name}; HBM {hbm / 1e12:.2f} TB/s; copy {copy_bw / 1e9:.0f} GB/s; "
+                         f"read (torch sum) {read_bw / 1e9:.0f} GB/s; times are CUDA-graph replays", args.xdtype[0])
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table)
+
+
+def report(rows: list[dict], head: str, xd0: str) -> str:
+    """Markdown: per case the default and the best configuration, then per type and T each
+    configuration's geometric-mean time relative to the fastest, over the shapes."""
+    # the best configuration per case (a sweep), else the default one
+    best = {}
+    for r in rows:
+        key = (r["type"], r["n_out"], r["k_in"], r["T"], r["x"])
+        if "us" in r and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    default = {(r["type"], r["n_out"], r["k_in"], r["T"], r["x"]): r for r in rows if r["label"] == "default"}
+    lines = [head, "",
+             "| type | n_out x k_in | T | x | MB | default us | GB/s | % HBM | do_bench us | best us | best GB/s | "
+             "% HBM | best cfg | cuBLAS bf16 us | cuBLAS GB/s | speedup (best) | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in default.items():
+        bst = best.get(key, r)
+        if "us" not in r:
+            lines.append(f"| {key[0]} | {key[1]}x{key[2]} | {key[3]} | {key[4]} | error: {r.get('error', '?').splitlines()[-1]} |")
+            continue
+        c = bst["cfg"]
+        lines.append(
+            f"| {key[0]} | {key[1]}x{key[2]} | {key[3]} | {key[4]} | {r['weight_MB']:.1f} | {r['us']:.1f} | "
+            f"{r['GBps']:.0f} | {r['pct_hbm']:.0f} | {r.get('do_bench_us', float('nan')):.1f} | {bst['us']:.1f} | {bst['GBps']:.0f} | {bst['pct_hbm']:.0f} | "
+            f"{bst['label']} o{c['ORD']} w{c['num_warps']} BN{c['BN']} BB{c['BB']} TG{c['TG']} | {r['cublas_us']:.1f} | "
+            f"{r['cublas_GBps']:.0f} | {bst['speedup']:.2f} | {r.get('rel_err', float('nan')):.1e} |")
+    # per type and T: each configuration's time relative to the best one, geometric mean over shapes
+    lines += ["", "| type | T | config (overrides) | geomean time / best, over shapes | shapes |", "|---|---|---|---|---|"]
+    groups = {}
+    for r in rows:
+        if "us" in r and r["x"] == xd0:
+            groups.setdefault((r["type"], r["T"]), []).append(r)
+    for (qn, t), rs in groups.items():
+        fastest = {}
+        for r in rs:
+            fastest[(r["n_out"], r["k_in"])] = min(fastest.get((r["n_out"], r["k_in"]), 1e9), r["us"])
+        for lab in dict.fromkeys(r["label"] for r in rs):
+            mine = [r for r in rs if r["label"] == lab]
+            gm = math.exp(sum(math.log(r["us"] / fastest[(r["n_out"], r["k_in"])]) for r in mine) / len(mine))
+            lines.append(f"| {qn} | {t} | {lab} {json.dumps(mine[0]['req'])} | {gm:.3f} | {len(mine)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
