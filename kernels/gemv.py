@@ -105,6 +105,18 @@ def _f16(ptr, mask, MASK: tl.constexpr):
 # low and high half tiles and the factors a_lo, a_hi, b_lo, b_hi per (block, group).
 
 @triton.jit
+def _nibbles(q, ASM: tl.constexpr):
+    """Low and high nibble of every byte of q as floats (the 4-bit types' plain case)."""
+    if ASM:
+        fl = tl.inline_asm_elementwise(_ASM_Q4_LO, _C1, [q], tl.float32, True, 4)
+        fh = tl.inline_asm_elementwise(_ASM_Q4_HI, _C1, [q], tl.float32, True, 4)
+    else:
+        fl = _f_bits(q.to(tl.int32) & 15, 4)
+        fh = _f_bits(q.to(tl.int32) >> 4, 4)
+    return fl, fh
+
+
+@triton.jit
 def _dec_q45_k(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr, Q5: tl.constexpr):
     # Q4_K 144 B: d, dmin f16 | 12 B of 6-bit scales and mins | qs 128 B. Q5_K 176 B: the same
     # with qh 32 B before qs. Value 64g + 32h + j (sub-block 2g + h) is nibble h of qs[32g + j]
@@ -137,12 +149,7 @@ def _dec_q45_k(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr, Q5:
             fh = _f_bits((qi >> 4) | ((hb & 2) << 3), 5)
         A: tl.constexpr = 16.0
     else:
-        if ASM:
-            fl = tl.inline_asm_elementwise(_ASM_Q4_LO, _C1, [q], tl.float32, True, 4)
-            fh = tl.inline_asm_elementwise(_ASM_Q4_HI, _C1, [q], tl.float32, True, 4)
-        else:
-            fl = _f_bits(q.to(tl.int32) & 15, 4)
-            fh = _f_bits(q.to(tl.int32) >> 4, 4)
+        fl, fh = _nibbles(q, ASM)
         A: tl.constexpr = 8.0
     a_lo = (A * d) * ((sc >> sh) & 63).to(tl.float32)
     a_hi = (A * d) * ((sc >> (sh + 8)) & 63).to(tl.float32)
@@ -209,12 +216,7 @@ def _dec_q45_0(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr, Q5:
             fh = _f_bits((qi >> 4) | (((qh >> (jj + 16)) & 1) << 4), 5)
         A: tl.constexpr = 16.0
     else:
-        if ASM:
-            fl = tl.inline_asm_elementwise(_ASM_Q4_LO, _C1, [q], tl.float32, True, 4)
-            fh = tl.inline_asm_elementwise(_ASM_Q4_HI, _C1, [q], tl.float32, True, 4)
-        else:
-            fl = _f_bits(q.to(tl.int32) & 15, 4)
-            fh = _f_bits(q.to(tl.int32) >> 4, 4)
+        fl, fh = _nibbles(q, ASM)
         A: tl.constexpr = 8.0
     a = A * _f16(w_ptr + blk, m, MASK)
     return fl, fh, a, a, 3.0 * a, 3.0 * a
