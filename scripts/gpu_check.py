@@ -1,7 +1,7 @@
 """Device check for the core: greedy tokens on CUDA equal the CPU path, and tokens/s.
 
-Runs Gemma 3 270M (against its reference continuations) and a synthetic model (written here
-with `tpruntime synth`) on CPU float32 and on CUDA in float32 and bf16, and prints a table.
+Runs Gemma 3 270M (against its reference continuations) and a synthetic model (written by
+`tpruntime synth`) on CPU float32 and on CUDA in float32 and bf16, and prints a table.
 
     python scripts/gpu_check.py --gemma gemma.gguf --reference ref.json --synth qwen3-8b.gguf --out DIR
 """

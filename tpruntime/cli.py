@@ -56,9 +56,9 @@ class _Group(click.Group):
 def _exit(code: int) -> None:
     """Exit without running destructors when a process group is up: tearing down a broken
     gloo/NCCL group at interpreter exit can abort (SIGABRT), which would hide the real cause."""
-    import torch.distributed as dist
+    from .comm import group_is_up
 
-    if dist.is_available() and dist.is_initialized():
+    if group_is_up():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -75,12 +75,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def _is_comm_failure(e: BaseException) -> bool:
-    import torch.distributed as dist
+    from .comm import is_comm_failure
 
-    from .comm import PeerLostError
-
-    # Joining the group (rendezvous, store) fails with torch's own DistError types.
-    return isinstance(e, (PeerLostError, dist.DistError, ConnectionError, TimeoutError))
+    return is_comm_failure(e)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

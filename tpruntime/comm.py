@@ -76,6 +76,16 @@ def _collective(fn):
     return wrapper
 
 
+def is_comm_failure(e: BaseException) -> bool:
+    """A broken group: a failed collective, or joining it (rendezvous, store) failing with
+    torch's own DistError types."""
+    return isinstance(e, (PeerLostError, dist.DistError, ConnectionError, TimeoutError))
+
+
+def group_is_up() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def dist_env() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) when started by torchrun / SLURM-style env; else None."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
