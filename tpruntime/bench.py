@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .errors import TpError
+from .generate import sync
 
 
 @dataclass
@@ -28,11 +29,6 @@ class SweepRow:
     S_PP: float
     T_TG: float
     S_TG: float
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def sweep_bench(engine, *, n_ctx: int, n_ubatch: int, n_tg: int, warmup_batch: bool = False,
@@ -55,7 +51,7 @@ def sweep_bench(engine, *, n_ctx: int, n_ubatch: int, n_tg: int, warmup_batch: b
         engine.forward(rand(1), pos)
     if warmup_batch:
         engine.forward(rand(n_ubatch), 0)
-    _sync(engine.device)
+    sync(engine.device)
 
     rows = []
     for n_kv in range(0, n_ctx - n_ubatch + 1, n_ubatch):
@@ -64,12 +60,12 @@ def sweep_bench(engine, *, n_ctx: int, n_ubatch: int, n_tg: int, warmup_batch: b
             if n_kv + i >= n_ctx:
                 break
             engine.forward(rand(1), n_kv + i)
-        _sync(engine.device)
+        sync(engine.device)
         t_tg = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         engine.forward(rand(n_ubatch), n_kv)
-        _sync(engine.device)
+        sync(engine.device)
         t_pp = time.perf_counter() - t0
 
         row = SweepRow(PP=n_ubatch, TG=n_tg, N_KV=n_kv, T_PP=t_pp, S_PP=n_ubatch / t_pp,

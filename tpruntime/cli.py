@@ -42,7 +42,9 @@ class _Group(click.Group):
         except Exception as e:
             if os.environ.get("TPRUNTIME_DEBUG"):
                 raise
-            if _is_comm_failure(e):
+            from .comm import is_comm_failure
+
+            if is_comm_failure(e):
                 cause = e.__cause__ or e
                 click.echo(f"{prefix}error: lost contact with the other ranks (one died, hung or was "
                            f"killed): {_first_line(cause)}", err=True)
@@ -72,12 +74,6 @@ def _first_line(e: BaseException) -> str:
         return type(e).__name__
     line = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text.splitlines()[0])
     return line.split(". This is typically")[0][:300]
-
-
-def _is_comm_failure(e: BaseException) -> bool:
-    from .comm import is_comm_failure
-
-    return is_comm_failure(e)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -32,7 +32,8 @@ class GenerationResult:
         return steps / self.t_gen if self.t_gen > 0 else 0.0
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device, so a host clock reading covers its work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -67,7 +68,7 @@ def generate(model: Transformer, prompt: list[int], n_predict: int, sampler: Sam
 
     t0 = time.perf_counter()
     logits = prefill(model, prompt, n_ubatch)
-    _sync(model.device)
+    sync(model.device)
     res.t_prompt = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -89,6 +90,6 @@ def generate(model: Transformer, prompt: list[int], n_predict: int, sampler: Sam
         logits = model.forward(torch.tensor([tok], dtype=torch.long), pos)
         pos += 1
     res.stop = res.stop or "length"
-    _sync(model.device)
+    sync(model.device)
     res.t_gen = time.perf_counter() - t0
     return res

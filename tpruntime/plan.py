@@ -136,12 +136,14 @@ class Plan:
     def layer_ranks(self, il: int) -> tuple[int, ...]:
         return tuple(r.rank for r in self.ranks if r.layers[il].joins)
 
-    def tensor_slices(self, rank: int, gf) -> list[tuple[TensorSpec, str, tuple[int, range] | None, int]]:
-        """(spec, file tensor, slice, stored bytes) of every tensor this rank reads."""
+    def tensor_slices(self, rank: int, gf) -> list[tuple[TensorSpec, str, tuple[int, range] | None, int, int]]:
+        """(spec, file tensor, slice, elements, stored bytes) of every tensor this rank reads."""
         shard = self.ranks[rank]
+        specs = dense_tensor_table(self.cfg)
+        sources = resolve(gf, specs)
         out = []
-        for spec in dense_tensor_table(self.cfg):
-            src = resolve(gf, [spec])[spec.name]
+        for spec in specs:
+            src = sources[spec.name]
             if src is None or not shard.holds(spec):
                 continue
             info = gf.tensors[src]
@@ -149,22 +151,20 @@ class Plan:
             shape = list(info.shape)
             if sl is not None:
                 shape[sl[0]] = len(sl[1])
+            n = math.prod(shape)
             block, type_size = GGML_QUANT_SIZES[info.ggml_type]
-            out.append((spec, src, sl, math.prod(shape) // block * type_size))
+            out.append((spec, src, sl, n, n // block * type_size))
         return out
 
     def resident_bytes(self, rank: int, gf, element_size: int) -> int:
         """Weight bytes the loader keeps on this rank's device: the embedding table as stored
         (rows are dequantized on lookup), every other tensor dequantized to `element_size`."""
         total = 0
-        for spec, src, sl, nbytes in self.tensor_slices(rank, gf):
+        for spec, _, _, n, nbytes in self.tensor_slices(rank, gf):
             if spec.name == "token_embd.weight":
                 total += nbytes
             else:
-                shape = list(gf.tensors[src].shape)
-                if sl is not None:
-                    shape[sl[0]] = len(sl[1])
-                total += math.prod(shape) * (4 if spec.keeps_f32 else element_size)
+                total += n * (4 if spec.keeps_f32 else element_size)
         return total
 
     def kv_bytes_per_token(self, rank: int, element_size: int) -> int:
@@ -199,7 +199,7 @@ class Plan:
                          f"{self.kv_bytes_per_token(r, kv_element_size) / 1024:.1f} KiB/token "
                          f"({kv_element_size}-byte elements), vocab rows "
                          f"{self.ranks[r].vocab.start}:{self.ranks[r].vocab.stop}")
-            for spec, src, sl, nbytes in slices:
+            for spec, src, sl, _, nbytes in slices:
                 where = "all" if sl is None else f"axis {sl[0]} [{sl[1].start}:{sl[1].stop}]"
                 via = f" (from {src})" if src != spec.name else ""
                 lines.append(f"    {spec.name:<32} {spec.split.value:<16} {where:<22} "
