@@ -31,9 +31,10 @@ import triton.language as tl
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
+from tpruntime.kernels import QUANT_KERNEL_TYPES
 from tpruntime.quants import dequantize
 
-SUPPORTED = frozenset({Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.Q4_0, Q.Q5_0})
+SUPPORTED = QUANT_KERNEL_TYPES
 MAX_T = 8  # tokens per launch; more are done in slices of 8 (prefill wants a real matmul)
 
 

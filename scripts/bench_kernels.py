@@ -12,9 +12,17 @@ float64 reference at the real shape.
     python scripts/bench_kernels.py                  # default configs, T=1, bf16 x
     python scripts/bench_kernels.py --sweep          # tile configs per type, best one per shape
     python scripts/bench_kernels.py --tokens 1 2 4 8 --xdtype f32 --jobs 16
+    python scripts/bench_kernels.py --dequant        # dequantize_rows instead (prefill path)
+    python scripts/bench_kernels.py --dequant --sweep --odtype bf16 f32 --peak 3.35
 
 Kernels compile first in --jobs worker processes (into Triton's on-disk cache); the markdown
 table comes last. Writes bench.json and bench.md under --out (default $OUT or .).
+
+--dequant times tpruntime.kernels.dequant.dequantize_rows into one reused output buffer (as the
+prefill scratch is) over the same types and shapes: GB/s = (quant bytes read + output bytes
+written) / time, as % of the HBM reference (--peak overrides it) and of the measured copy
+bandwidth. Each default configuration is checked bit for bit against tpruntime.quants at the
+real shape. Writes dequant.json and dequant.md.
 """
 
 from __future__ import annotations
@@ -45,6 +53,10 @@ SWEEP_6K = [dict(BN=2), dict(BN=8), dict(num_warps=2), dict(BB=8), dict(ORD=1), 
 SWEEP_0 = [dict(BN=2), dict(ORD=1, num_warps=2), dict(BN=8), dict(num_warps=2), dict(BB=64),
            dict(BN=4, num_warps=4)]
 SWEEP_T = [dict(BN=4, TG=2), dict(BN=2, TG=2), dict(BN=2, TG=4), dict(BN=4, TG=4)]
+# --dequant --sweep: overrides of kernels/dequant.py default_config, as values per program
+# (BB = VALUES / block size) and warps.
+SWEEP_DEQUANT = [dict(VALUES=2048), dict(VALUES=8192), dict(VALUES=16384, num_warps=8),
+                 dict(VALUES=8192, num_warps=8), dict(num_warps=2), dict(num_warps=8)]
 
 
 def sweep_for(qname: str) -> list[dict]:
@@ -171,6 +183,12 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--dequant", action="store_true", help="time dequantize_rows instead of qgemv")
+    ap.add_argument("--odtype", nargs="+", default=["bf16"], choices=["bf16", "f32", "f16"],
+                    help="--dequant output dtypes")
+    ap.add_argument("--peak", type=float, default=None,
+                    help="HBM bandwidth in TB/s that the percentages refer to (default: by device name, "
+                    + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in HBM.items()) + ", else 3.35)")
     args = ap.parse_args()
 
     from gguf.constants import GGMLQuantizationType as Q
@@ -180,7 +198,7 @@ def main() -> None:
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(dev)
-    hbm = next((v for key, v in HBM.items() if key in name), 3.35e12)
+    hbm = args.peak * 1e12 if args.peak else next((v for key, v in HBM.items() if key in name), 3.35e12)
     print(f"device: {name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MiB; "
           f"HBM reference {hbm / 1e12:.2f} TB/s; torch {torch.__version__}", flush=True)
 
@@ -195,6 +213,9 @@ def main() -> None:
           f"{read_bw / 1e9:.0f} GB/s", flush=True)
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    if args.dequant:
+        bench_dequant(args, shapes, hbm, copy_bw, name, dev)
+        return
     cases = []  # (qname, n, k, t, xd, cfg or None, label)
     for qname in args.types:
         for si, (n, k) in enumerate(shapes):
@@ -268,6 +289,91 @@ def main() -> None:
     table = report(rows, f"device: {name}; HBM {hbm / 1e12:.2f} TB/s; copy {copy_bw / 1e9:.0f} GB/s; "
                          f"read (torch sum) {read_bw / 1e9:.0f} GB/s; times are CUDA-graph replays", args.xdtype[0])
     with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table)
+
+
+def dequant_config(qname: str, cfg: dict | None) -> dict | None:
+    """A SWEEP_DEQUANT entry as a dequantize_rows config (VALUES -> BB for the type)."""
+    if not cfg:
+        return None
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.constants import GGMLQuantizationType as Q
+    out = {k: v for k, v in cfg.items() if k != "VALUES"}
+    if "VALUES" in cfg:
+        out["BB"] = max(1, cfg["VALUES"] // GGML_QUANT_SIZES[Q[qname]][0])
+    return out
+
+
+def bench_dequant(args, shapes: list[tuple[int, int]], hbm: float, copy_bw: float, name: str, dev) -> None:
+    """Time dequantize_rows per type, shape and output dtype (and the SWEEP_DEQUANT configs with
+    --sweep) as CUDA-graph replays; the inputs rotate through > L2 of buffers, the output is one
+    buffer reused, as the prefill scratch is."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.constants import GGMLQuantizationType as Q
+
+    from tpruntime.kernels.dequant import _plan, dequantize_rows
+    from tpruntime.kernels.gemv import weight_bytes
+    from tpruntime.quants import dequantize, random_blocks
+    rows, host = [], {}
+    for qname in args.types:
+        qtype = Q[qname]
+        for n, k in shapes:
+            for od in args.odtype:
+                dt = dtype_of(od)
+                for i, sw in enumerate([None] + (SWEEP_DEQUANT if args.sweep else [])):
+                    cfg = dequant_config(qname, sw)
+                    kw = _plan(qtype, n, k, dt, False, tuple(sorted(cfg.items())) if cfg else ())[3]
+                    rb, wb = weight_bytes(qtype, n, k), n * k * dt.itemsize
+                    row = dict(type=qname, n_out=n, k_in=k, out=od, label="default" if sw is None else f"s{i - 1}",
+                               req=sw, cfg=dict(BB=kw["BB"], V=kw["V"], num_warps=kw["num_warps"]),
+                               read_MB=rb / 1e6, write_MB=wb / 1e6)
+                    try:
+                        out = torch.empty(n * k, dtype=dt, device=dev)
+                        if sw is None and not args.no_check:
+                            rng = np.random.default_rng(n + k)
+                            raw = torch.from_numpy(random_blocks(qtype, n * k // GGML_QUANT_SIZES[qtype][0], rng))
+                            raw = raw.to(dev).view(n, -1)
+                            ref = dequantize(raw.reshape(-1), qtype, (n, k)).to(dt)
+                            got = dequantize_rows(raw, qtype, n, k, dtype=dt, out=out)
+                            row["exact"] = bool(torch.equal(got, ref))
+                            row["max_abs_err"] = float((got.float() - ref.float()).abs().max())
+                            del raw, ref, got
+                        n_buf = max(2, min(32, math.ceil(L2_ROTATE / rb)))
+                        ws = timed_weights(qtype, n, k, n_buf, dev)
+                        sec = bench_time(lambda j: dequantize_rows(ws[j], qtype, n, k, dtype=dt, out=out, config=cfg),
+                                         n_buf)
+                        if sw is None and (qname, od) not in host:
+                            host[(qname, od)] = host_us(lambda: dequantize_rows(ws[0], qtype, n, k, dtype=dt, out=out))
+                            print(f"host {qname} {od}: {host[(qname, od)]:.1f} us per dequantize_rows call", flush=True)
+                        del ws, out
+                        row.update(us=sec * 1e6, GBps=(rb + wb) / sec / 1e9, pct_hbm=100 * (rb + wb) / sec / hbm,
+                                   pct_copy=100 * (rb + wb) / sec / copy_bw)
+                    except Exception:
+                        row["error"] = traceback.format_exc(limit=3)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    torch.cuda.empty_cache()
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "dequant.json"), "w") as f:
+        json.dump(dict(device=name, copy_GBps=copy_bw / 1e9, hbm_GBps=hbm / 1e9,
+                       host_us={str(k): v for k, v in host.items()}, rows=rows), f, indent=1)
+    lines = [f"device: {name}; HBM {hbm / 1e12:.2f} TB/s; copy {copy_bw / 1e9:.0f} GB/s; dequantize_rows, "
+             "CUDA-graph replays; GB/s counts bytes read + written", "",
+             "| type | n_out x k_in | out | read MB | write MB | cfg | us | GB/s | % HBM | % copy | exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["cfg"]
+        head = (f"| {r['type']} | {r['n_out']}x{r['k_in']} | {r['out']} | {r['read_MB']:.1f} | {r['write_MB']:.1f} | "
+                f"{r['label']} BB{c['BB']} V{c['V']} w{c['num_warps']} |")
+        if "us" not in r:
+            lines.append(f"{head} error: {r.get('error', '?').strip().splitlines()[-1]} |")
+            continue
+        lines.append(f"{head} {r['us']:.1f} | {r['GBps']:.0f} | {r['pct_hbm']:.0f} | {r['pct_copy']:.0f} | "
+                     f"{r.get('exact', '')} |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "dequant.md"), "w") as f:
         f.write(table + "\n")
     print("\n" + table)
 
