@@ -1,0 +1,351 @@
+"""Fused elementwise steps of a decoder block (Triton), one launch each.
+
+    rms_norm(x, w)               x * rsqrt(mean(x^2) + eps) * w, per row, in float32
+    add_rms_norm(h, delta, w)    h += delta (optionally post-normed first), then rms_norm(h)
+    qk_norm_rope_store(qkv, …)   split q|k|v, (+bias), per-head q/k norm, rope, k/v into the cache
+    act_mul(gate_up, n_ff)       act(gate) * up, silu or gelu (tanh approximation)
+
+They compute what tpruntime.ops.TorchOps computes (the reference, which they replace on the
+GPU). A decode step moves a few kilobytes through each of these, so on an H100 their cost is
+launch and memory latency, not bandwidth or math: a program owns a whole row (or head), issues
+all its loads up front, reduces within as few warps as hold the row, and writes once. Nothing
+here reads device data on the host or branches on it, so every call can be captured in a CUDA
+graph; launch parameters are a cached function of the shapes (each is called once per layer per
+token with the same ones).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# A row up to this long is held in registers for the whole kernel (32 floats per thread at 8
+# warps); a longer one is streamed in chunks of half this, read again from cache per pass.
+MAX_TILE = 8192
+_ACTS = {"silu": 0, "gelu_tanh": 1}
+
+
+def _interpreted() -> bool:
+    # Triton's interpreter truncates float32 to bfloat16 where the GPU rounds to nearest even;
+    # the kernels then round by hand (RNE), so CPU runs match the compiled ones bit for bit.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, RNE: tl.constexpr):
+    y = x.to(dtype)
+    if RNE:
+        if dtype == tl.bfloat16:
+            b = x.to(tl.uint32, bitcast=True)
+            b += 0x7FFF + ((b >> 16) & 1)
+            y = (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return y
+
+
+def _warps_for(block: int, per_thread: int) -> int:
+    # Enough warps that no thread holds more than `per_thread` values of a row tile: fewer warps
+    # keep a row's reduction inside one warp (shuffles, no shared-memory round trip), more keep
+    # the register count (and spills) down on the long rows.
+    return max(1, min(8, block // (32 * per_thread)))
+
+
+# --- RMS norm, with the residual add ---------------------------------------------------------
+
+@triton.jit
+def _rstd(x, n, eps):
+    return tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / n + eps)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x, stride_d, stride_o,
+                         HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr, BLOCK: tl.constexpr,
+                         NCHUNK: tl.constexpr, RNE: tl.constexpr):
+    # x is h (f32, rewritten with h + delta) when HAS_DELTA, else the input of a plain norm.
+    # Tiles are [BLOCK / 4, 4], not [BLOCK]: every load and store then has the same 4-wide
+    # vectors, where a flat tile lets Triton store f32 four and bf16 eight to a thread, with a
+    # layout conversion through shared memory between them.
+    # Products are x * rstd first, then * w: the order torch's rms_norm multiplies in.
+    row = tl.program_id(0)
+    xr, dr, orow = x_ptr + row * stride_x, d_ptr + row * stride_d, out_ptr + row * stride_o
+    offs = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    if NCHUNK == 1:
+        m = offs < n
+        # Every load before the first reduction: one memory round trip per row.
+        x = tl.load(xr + offs, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            d = tl.load(dr + offs, mask=m, other=0.0).to(tl.float32)
+            if HAS_POST:
+                pw = tl.load(pw_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                d = d * _rstd(d, n, eps) * pw
+            x = x + d
+            tl.store(xr + offs, x, mask=m)
+        tl.store(orow + offs, _cast(x * _rstd(x, n, eps) * w, out_ptr.dtype.element_ty, RNE), mask=m)
+    else:
+        # Streamed: h + delta is summed in one pass and formed again in the next (from cache)
+        # rather than stored and read back, which would need the writing and reading threads
+        # to be the same or to synchronize.
+        rd = 1.0
+        if HAS_POST:
+            acc = tl.zeros([BLOCK // 4, 4], dtype=tl.float32)
+            for c in range(NCHUNK):
+                o = c * BLOCK + offs
+                d = tl.load(dr + o, mask=o < n, other=0.0).to(tl.float32)
+                acc += d * d
+            rd = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / n + eps)
+        acc = tl.zeros([BLOCK // 4, 4], dtype=tl.float32)
+        for c in range(NCHUNK):
+            o = c * BLOCK + offs
+            x = _chunk(xr, dr, pw_ptr, o, o < n, rd, HAS_DELTA, HAS_POST)
+            acc += x * x
+        r = tl.rsqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / n + eps)
+        for c in range(NCHUNK):
+            o = c * BLOCK + offs
+            m = o < n
+            x = _chunk(xr, dr, pw_ptr, o, m, rd, HAS_DELTA, HAS_POST)
+            if HAS_DELTA:
+                tl.store(xr + o, x, mask=m)
+            w = tl.load(w_ptr + o, mask=m, other=0.0).to(tl.float32)
+            tl.store(orow + o, _cast(x * r * w, out_ptr.dtype.element_ty, RNE), mask=m)
+
+
+@triton.jit
+def _chunk(xr, dr, pw_ptr, o, m, rd, HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr):
+    # x, or h + (post-normed) delta, over one chunk of a streamed row
+    x = tl.load(xr + o, mask=m, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        d = tl.load(dr + o, mask=m, other=0.0).to(tl.float32)
+        if HAS_POST:
+            d = d * rd * tl.load(pw_ptr + o, mask=m, other=0.0).to(tl.float32)
+        x = x + d
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_config(n: int, max_tile: int) -> dict:
+    block = max(16, triton.next_power_of_2(n))
+    chunks = 1
+    if block > max_tile:
+        block = max_tile // 2
+        chunks = triton.cdiv(n, block)
+    return dict(BLOCK=block, NCHUNK=chunks, num_warps=_warps_for(block, 32), num_stages=1)
+
+
+def _rows(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    if t.shape[-1] != n:
+        raise ValueError(f"{what}: last dimension {t.shape[-1]} != the weight's {n}")
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch_norm(x2, d2, pw, w, out2, eps, max_tile):
+    n = w.numel()
+    rows = x2.shape[0]
+    if rows == 0:
+        return
+    cfg = _norm_config(n, max_tile)
+    dummy = x2
+    _add_rms_norm_kernel[(rows,)](
+        x2, d2 if d2 is not None else dummy, pw if pw is not None else dummy, w, out2, n, float(eps),
+        x2.stride(0), d2.stride(0) if d2 is not None else 0, out2.stride(0),
+        HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=_interpreted(), **cfg)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype = torch.bfloat16, *,
+             max_tile: int = MAX_TILE) -> torch.Tensor:
+    """F.rms_norm(x.float(), weight.shape, weight, eps) cast to out_dtype: x [..., n] (any float
+    dtype), weight [n]; each row of n normalized on its own. `max_tile` (tests): the longest row
+    held in registers."""
+    n = weight.numel()
+    x2 = _rows(x, n, "rms_norm")
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    _launch_norm(x2, None, None, weight.contiguous(), out.view(-1, n), eps, max_tile)
+    return out
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 post_weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                 max_tile: int = MAX_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next norm in one pass: h += delta, IN PLACE (h is the float32
+    residual stream, contiguous; a captured graph keeps reusing its buffer), or h +=
+    rms_norm(delta) * post_weight when post_weight is given (Gemma's sandwich norm). Returns
+    (h, rms_norm(h) * weight as out_dtype). delta: f32 or bf16, h's shape."""
+    if h.dtype != torch.float32 or not h.is_contiguous():
+        raise ValueError("add_rms_norm: h must be a contiguous float32 tensor (it is updated in place)")
+    if delta.shape != h.shape:
+        raise ValueError(f"add_rms_norm: delta {tuple(delta.shape)} != h {tuple(h.shape)}")
+    n = weight.numel()
+    h2 = _rows(h, n, "add_rms_norm")
+    out = torch.empty(h.shape, dtype=out_dtype, device=h.device)
+    pw = post_weight.contiguous() if post_weight is not None else None
+    _launch_norm(h2, _rows(delta, n, "add_rms_norm"), pw, weight.contiguous(), out.view(-1, n), eps, max_tile)
+    return h, out
+
+
+# --- q/k norm, rope, KV-cache store ----------------------------------------------------------
+
+@triton.jit
+def _qk_norm_rope_store_kernel(
+        qkv_ptr, bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
+        n_q, n_kv, stride_qkv, stride_cos, stride_kh, stride_kp, stride_vh, stride_vp, eps,
+        D: tl.constexpr, DV: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr):
+    # Program (t, hid): hid < n_q a query head, then n_kv key heads, then n_kv value heads.
+    # q and k heads lie side by side with the same width, so head hid starts at column hid * D.
+    t = tl.program_id(0)
+    hid = tl.program_id(1)
+    src = qkv_ptr + t * stride_qkv
+    offs = tl.arange(0, BLOCK)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    if hid < n_q + n_kv:
+        m = offs < D
+        col = src + hid * D
+        # The partner of feature d in its rotation pair, and the pair's angle index. The
+        # partner is loaded again from memory (an L1 hit) rather than moved between lanes:
+        # then the norm and bias apply to it with the same ops, and no layout shuffle is needed.
+        HALF = ROPE // 2
+        r_m = offs < ROPE
+        if NEOX:
+            first = offs < HALF
+            part = tl.where(first, offs + HALF, offs - HALF)
+            ang = tl.where(first, offs, offs - HALF)
+        else:
+            first = (offs % 2) == 0
+            part = offs ^ 1
+            ang = offs // 2
+        x = tl.load(col + offs, mask=m, other=0.0).to(tl.float32)
+        xp = tl.load(col + part, mask=r_m, other=0.0).to(tl.float32)
+        cs = tl.load(cos_ptr + pos * stride_cos + ang, mask=r_m, other=0.0)
+        sn = tl.load(sin_ptr + pos * stride_cos + ang, mask=r_m, other=0.0)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + hid * D + offs, mask=m, other=0.0).to(tl.float32)
+            xp += tl.load(bias_ptr + hid * D + part, mask=r_m, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            if hid < n_q:
+                w = tl.load(qn_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                wp = tl.load(qn_ptr + part, mask=r_m, other=0.0).to(tl.float32)
+            else:
+                w = tl.load(kn_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                wp = tl.load(kn_ptr + part, mask=r_m, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+            x = x * r * w
+            xp = xp * r * wp
+        # x1*cos - x2*sin on the first of a pair, x2*cos + x1*sin on the second
+        x = tl.where(r_m, x * cs + tl.where(first, -xp, xp) * sn, x)
+        if hid < n_q:
+            tl.store(q_ptr + (t * n_q + hid) * D + offs, _cast(x, q_ptr.dtype.element_ty, RNE), mask=m)
+        else:
+            j = (hid - n_q).to(tl.int64)
+            tl.store(k_ptr + j * stride_kh + pos * stride_kp + offs, _cast(x, k_ptr.dtype.element_ty, RNE), mask=m)
+    else:
+        j = hid - n_q - n_kv
+        m = offs < DV
+        c0 = (n_q + n_kv) * D + j * DV
+        x = tl.load(src + c0 + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + c0 + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(v_ptr + j.to(tl.int64) * stride_vh + pos * stride_vp + offs, _cast(x, v_ptr.dtype.element_ty, RNE),
+                 mask=m)
+
+
+@functools.lru_cache(maxsize=None)
+def _head_config(head_dim: int, head_dim_v: int) -> dict:
+    block = triton.next_power_of_2(max(head_dim, head_dim_v))
+    # One warp up to 256 features (8 per thread): the norm's sum stays in shuffles.
+    return dict(BLOCK=block, num_warps=_warps_for(block, 8), num_stages=1)
+
+
+def qk_norm_rope_store(qkv: torch.Tensor, n_head: int, n_head_kv: int, head_dim: int, head_dim_v: int, *,
+                       q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float,
+                       cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, rope_dim: int, neox: bool,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor | None = None,
+                       q_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The attention block's steps between the q|k|v projection and attention, one launch.
+
+    qkv: f32 [T, n_head*head_dim + n_head_kv*(head_dim + head_dim_v)]; bias (optional) the same
+    width, added first; q_norm/k_norm (optional, together) [head_dim]: RMS norm of each q/k head;
+    then rope of the first rope_dim features of q and k heads at positions pos (int64 [T] on the
+    device) with the tables cos/sin [n_pos, rope_dim/2], neox (halves) or interleaved (pairs).
+    k and v are written, in the caches' dtype, to k_cache[:, pos[t]] and v_cache[:, pos[t]]
+    (caches [n_head_kv, n_ctx, d], last axis contiguous). Returns q as q_dtype [T, n_head, head_dim]."""
+    T = qkv.shape[0]
+    q = torch.empty(T, n_head, head_dim, dtype=q_dtype, device=qkv.device)
+    if n_head == 0 or T == 0:
+        return q  # a rank that sits this layer's attention out
+    width = n_head * head_dim + n_head_kv * (head_dim + head_dim_v)
+    if qkv.dim() != 2 or qkv.shape[1] != width:
+        raise ValueError(f"qk_norm_rope_store: qkv {tuple(qkv.shape)} is not [T, {width}]")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("qk_norm_rope_store: q_norm and k_norm come together")
+    if rope_dim % 2 or rope_dim > head_dim:
+        raise ValueError(f"qk_norm_rope_store: rope_dim {rope_dim} must be even and <= head_dim {head_dim}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if cos.shape[-1] != rope_dim // 2:
+        raise ValueError(f"qk_norm_rope_store: rope tables of {cos.shape[-1]} angles, rope_dim {rope_dim}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("qk_norm_rope_store: the caches' last axis must be contiguous")
+    dummy = qkv
+    _qk_norm_rope_store_kernel[(T, n_head + 2 * n_head_kv)](
+        qkv, bias if bias is not None else dummy, q_norm if q_norm is not None else dummy,
+        k_norm if k_norm is not None else dummy, cos, sin, pos, q, k_cache, v_cache,
+        n_head, n_head_kv, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), float(eps),
+        D=head_dim, DV=head_dim_v, ROPE=rope_dim, NEOX=bool(neox), HAS_BIAS=bias is not None,
+        HAS_NORM=q_norm is not None, RNE=_interpreted(), **_head_config(head_dim, head_dim_v))
+    return q
+
+
+# --- gated activation ------------------------------------------------------------------------
+
+@triton.jit
+def _act_mul_kernel(gu_ptr, out_ptr, n_ff, stride_in, stride_out, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                    RNE: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n_ff
+    g = tl.load(gu_ptr + row * stride_in + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_in + n_ff + offs, mask=m, other=0.0).to(tl.float32)
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))
+    else:
+        # 0.5 * g * (1 + tanh(z)) is g * sigmoid(2z): one exp, and no cancellation in 1 + tanh
+        # where the tanh nears -1.
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = g / (1.0 + tl.exp(-2.0 * z))
+    tl.store(out_ptr + row * stride_out + offs, _cast(a * u, out_ptr.dtype.element_ty, RNE), mask=m)
+
+
+@functools.lru_cache(maxsize=None)
+def _act_config(n_ff: int) -> dict:
+    # Small tiles (4 values per thread, one vector load of gate and of up) in many programs:
+    # at one token the row is split over as many SMs as it fills, each with one round trip.
+    block = min(512, max(32, triton.next_power_of_2(n_ff)))
+    return dict(BLOCK=block, num_warps=_warps_for(block, 4), num_stages=1)
+
+
+def act_mul(gate_up: torch.Tensor, n_ff: int, act: str = "silu",
+            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """act(gate) * up in float32, cast to out_dtype: gate_up [..., 2 * n_ff] holds gate in its
+    first n_ff columns and up in the last; act is silu or gelu_tanh (F.gelu(approximate="tanh"))."""
+    if act not in _ACTS:
+        raise ValueError(f"act_mul: activation {act!r} is not one of {sorted(_ACTS)}")
+    if gate_up.shape[-1] != 2 * n_ff:
+        raise ValueError(f"act_mul: gate_up {tuple(gate_up.shape)} does not end in 2 * n_ff = {2 * n_ff}")
+    g2 = gate_up.reshape(-1, 2 * n_ff)
+    if g2.stride(-1) != 1:
+        g2 = g2.contiguous()
+    out = torch.empty(*gate_up.shape[:-1], n_ff, dtype=out_dtype, device=gate_up.device)
+    if g2.shape[0] and n_ff:
+        cfg = _act_config(n_ff)
+        _act_mul_kernel[(g2.shape[0], triton.cdiv(n_ff, cfg["BLOCK"]))](
+            g2, out, n_ff, g2.stride(0), n_ff, ACT=_ACTS[act], RNE=_interpreted(), **cfg)
+    return out
+
+
+__all__ = ["MAX_TILE", "rms_norm", "add_rms_norm", "qk_norm_rope_store", "act_mul"]
