@@ -133,6 +133,10 @@ def _engine_options(f):
     """Where and how a command's model runs: device, dtype, split, all-reduce, timeouts."""
     f = click.option("--no-cuda-graphs", "no_cuda_graphs", is_flag=True,
                      help="Decode eagerly instead of replaying captured CUDA graphs.")(f)
+    f = click.option("--no-fused-ops", "no_fused_ops", is_flag=True,
+                     help="Norm, rope, activation and decode attention in plain torch, not the fused kernels.")(f)
+    f = click.option("--dense-weights", is_flag=True,
+                     help="Dequantize every weight at load instead of keeping GGUF blocks for the kernels.")(f)
     f = click.option("--load-timeout", default=600.0, show_default=True,
                      help="Seconds the ranks wait for the slowest one to load its weights.")(f)
     f = click.option("--comm-timeout", default=20.0, show_default=True,
@@ -147,7 +151,7 @@ def _engine_options(f):
 
 
 def _open_engine(path: str, n_ctx: int, n_ubatch: int, *, device, dtype, split_mode, max_gpu, tensor_split,
-                 reduce_type, comm_timeout, load_timeout, no_cuda_graphs):
+                 reduce_type, comm_timeout, load_timeout, no_cuda_graphs, no_fused_ops, dense_weights):
     from .engine import open_engine
 
     if n_ubatch < 1:
@@ -155,7 +159,8 @@ def _open_engine(path: str, n_ctx: int, n_ubatch: int, *, device, dtype, split_m
     return open_engine(path, n_ctx=n_ctx, device=device, dtype=dtype, n_ubatch=n_ubatch,
                        options=_plan_options(1, split_mode, max_gpu, tensor_split),
                        reduce_type=reduce_type, comm_timeout=comm_timeout, load_timeout=load_timeout,
-                       cuda_graphs=not no_cuda_graphs)
+                       cuda_graphs=not no_cuda_graphs, fused_ops=not no_fused_ops,
+                       dense_weights=dense_weights)
 
 
 def _plan_options(world_size: int, split_mode: str, max_gpu: int | None, tensor_split: str | None):

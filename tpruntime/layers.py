@@ -4,6 +4,7 @@ and the local sizes of this rank's shard; the row-parallel linear owns the all-r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,51 +13,44 @@ from .comm import Comm
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .plan import LayerShard
+from .qweight import QuantWeight, matmul
 
-Weights = dict[str, torch.Tensor]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # torch's fused kernel: one launch on CUDA where the spelled-out formula takes six.
-    return F.rms_norm(x.float(), weight.shape, weight, eps)
-
-
-class RMSNorm:
-    def __init__(self, weight: torch.Tensor, eps: float):
-        self.weight, self.eps = weight, eps  # float32 (TensorSpec.keeps_f32)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+Weights = dict[str, "torch.Tensor | QuantWeight"]
 
 
 class ColumnLinear:
     """All-to-sharded: full input, this rank's output columns; no communication.
 
     Several projections of the same input (q/k/v, gate/up) are fused into one weight so a
-    decode step reads them in one matrix product; the result is split back by `sizes`."""
+    decode step reads them in one matrix product (quantized ones only when they share a type);
+    the result is float32, split back by `sizes`."""
 
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None):
+    def __init__(self, weights: list, biases: list | None = None):
         self.sizes = [w.shape[0] for w in weights]
-        self.weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-        biases = biases or [None] * len(weights)
-        if any(b is not None for b in biases):
-            self.bias = torch.cat([b if b is not None else self.weight.new_zeros(n)
-                                   for b, n in zip(biases, self.sizes)]).to(self.weight.dtype)
+        if all(isinstance(w, QuantWeight) for w in weights) and len({w.qtype for w in weights}) == 1:
+            self.parts = [QuantWeight.cat(weights) if len(weights) > 1 else weights[0]]
+        elif any(isinstance(w, QuantWeight) for w in weights):
+            self.parts = weights  # mixed types (Q4_K_M's Q6_K attn_v): one product each
         else:
-            self.bias = None
+            self.parts = [torch.cat(weights) if len(weights) > 1 else weights[0]]
+        biases = biases or [None] * len(weights)
+        present = [b for b in biases if b is not None]
+        self.bias = torch.cat([b.float() if b is not None else torch.zeros(n, device=present[0].device)
+                               for b, n in zip(biases, self.sizes)]) if present else None
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).split(self.sizes, dim=-1)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = matmul(x, self.parts[0]) if len(self.parts) == 1 else torch.cat([matmul(x, w) for w in self.parts], -1)
+        return y + self.bias if self.bias is not None else y
 
 
 class RowLinear:
     """Sharded-to-all: this rank's input slice; the partial products are summed over ranks."""
 
-    def __init__(self, weight: torch.Tensor, comm: Comm):
+    def __init__(self, weight, comm: Comm):
         self.weight, self.comm = weight, comm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(F.linear(x.to(self.weight.dtype), self.weight)).float()
+        return self.comm.all_reduce(matmul(x, self.weight))
 
 
 @dataclass(frozen=True)
@@ -78,8 +72,8 @@ class Positions:
 
 
 class Rope:
-    """Rotary position embedding over the first `dim` features of each head, tables precomputed
-    in float64 for positions [0, n_pos)."""
+    """Rotary position tables for the first `dim` features of each head, computed in float64
+    for positions [0, n_pos); the ops rotate with them."""
 
     def __init__(self, dim: int, base: float, freq_scale: float, neox: bool, n_pos: int,
                  device: torch.device, freq_factors: torch.Tensor | None = None):
@@ -91,33 +85,17 @@ class Rope:
         self.sin = angles.sin().float().to(device)
         self.dim, self.neox = dim, neox
 
-    def __call__(self, x: torch.Tensor, p: "Positions") -> torch.Tensor:
-        """x: [T, heads, head_dim] at positions p.pos."""
-        key = ("rope", id(self))
-        if key not in p.memo:  # once per step, not once per layer
-            p.memo[key] = (self.cos[p.pos][:, None, :], self.sin[p.pos][:, None, :])
-        cos, sin = p.memo[key]
-        xf = x.float()
-        rot, rest = xf[..., :self.dim], xf[..., self.dim:]
-        if self.neox:
-            x1, x2 = rot.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        else:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
-
 
 class Attention:
     """Causal (optionally sliding-window) attention over this rank's KV-head group."""
 
-    def __init__(self, w: Weights, cfg: ModelConfig, il: int, shard: LayerShard, rope: Rope, comm: Comm):
+    def __init__(self, w: Weights, cfg: ModelConfig, il: int, shard: LayerShard, rope: Rope, comm: Comm, ops):
         self.attn_qkv = ColumnLinear([w["attn_q"], w["attn_k"], w["attn_v"]],
                                      [w.get("attn_q_bias"), w.get("attn_k_bias"), w.get("attn_v_bias")])
         self.attn_output = RowLinear(w["attn_output"], comm)
-        self.attn_q_norm = RMSNorm(w["attn_q_norm"], cfg.norm_eps) if cfg.qk_norm else None
-        self.attn_k_norm = RMSNorm(w["attn_k_norm"], cfg.norm_eps) if cfg.qk_norm else None
-        self.il, self.rope = il, rope
+        self.attn_q_norm = w["attn_q_norm"] if cfg.qk_norm else None
+        self.attn_k_norm = w["attn_k_norm"] if cfg.qk_norm else None
+        self.il, self.rope, self.ops, self.eps = il, rope, ops, cfg.norm_eps
         self.n_head, self.n_head_kv = len(shard.q_heads), len(shard.kv_heads)
         # The local KV head each local query head reads. With replicated KV heads a rank's
         # query heads need not start on a group boundary, so this is a map, not a repeat.
@@ -129,26 +107,32 @@ class Attention:
         self.head_dim, self.head_dim_v = cfg.head_dim, cfg.head_dim_v
         self.scale = cfg.attn_scale
         self.window = cfg.sliding_window if cfg.layer_uses_swa(il) else 0
+        # The split-K decode kernel reads the number of keys from the device, so one captured
+        # graph serves every position; it takes query heads in whole groups.
+        self.reads_n_keys = ops.decode_attention is not None and self.whole_groups and self.n_head > 0
 
     def __call__(self, x: torch.Tensor, p: Positions, cache: KVCache) -> torch.Tensor:
         T = x.shape[0]
         if self.n_head == 0:  # this rank sits the layer's attention out: it adds nothing
             return self.attn_output(x.new_zeros(T, 0))
-        q, k, v = self.attn_qkv(x)
-        q = q.view(T, self.n_head, self.head_dim)
-        k = k.view(T, self.n_head_kv, self.head_dim)
-        v = v.view(T, self.n_head_kv, self.head_dim_v)
-        if self.attn_q_norm is not None:
-            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        q, k = self.rope(q, p), self.rope(k, p)
-        cache.store(self.il, p.pos, k, v)
+        k_cache, v_cache = cache.k[self.il], cache.v[self.il]
+        q = self.ops.qk_norm_rope_store(
+            self.attn_qkv(x), self.n_head, self.n_head_kv, self.head_dim, self.head_dim_v,
+            q_norm=self.attn_q_norm, k_norm=self.attn_k_norm, eps=self.eps, cos=self.rope.cos,
+            sin=self.rope.sin, pos=p.pos, rope_dim=self.rope.dim, neox=self.rope.neox,
+            k_cache=k_cache, v_cache=v_cache, q_dtype=k_cache.dtype)
+        if T == 1 and self.reads_n_keys:
+            if "n_keys" not in p.memo:
+                p.memo["n_keys"] = p.pos + 1
+            out = self.ops.decode_attention(q[0], k_cache, v_cache, p.memo["n_keys"], self.scale, self.window)
+            return self.attn_output(out.reshape(1, -1))
 
         start = max(0, p.first - self.window + 1) if self.window and p.first is not None else 0
         keys, values = cache.view(self.il, start, p.k_stop)  # [n_head_kv, S, d]
-        if self.n_head != self.n_head_kv and not self.whole_groups:
-            keys, values = keys[self.kv_of_q], values[self.kv_of_q]
+        # A prompt from position 0 is plain causal: SDPA's flash kernel masks it itself.
+        causal = T > 1 and not self.window and p.first == 0 and p.k_stop == T
         mask = None
-        if T > 1 or self.window or p.first is None:
+        if not causal and (T > 1 or self.window or p.first is None):
             key = ("mask", start, self.window)
             if key not in p.memo:  # once per step for each kind of layer
                 k_pos = torch.arange(start, p.k_stop, device=x.device)[None, :]
@@ -158,7 +142,12 @@ class Attention:
                     mask &= q_pos - k_pos < self.window
                 p.memo[key] = mask
             mask = p.memo[key]
-        out = F.scaled_dot_product_attention(q.to(keys.dtype).transpose(0, 1), keys, values, attn_mask=mask,
+        # Grouped heads are broadcast by SDPA only in its flash and math kernels; with a mask
+        # on CUDA, copying the KV heads out lets the memory-efficient kernel take it instead
+        # of the math one (which materializes every score in float32).
+        if self.n_head != self.n_head_kv and (not self.whole_groups or (mask is not None and x.is_cuda)):
+            keys, values = keys[self.kv_of_q], values[self.kv_of_q]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=causal,
                                              scale=self.scale, enable_gqa=self.n_head != keys.shape[0])
         return self.attn_output(out.transpose(0, 1).reshape(T, self.n_head * self.head_dim_v))
 
@@ -166,42 +155,58 @@ class Attention:
 class GatedFFN:
     """down(act(gate(x)) * up(x)) over this rank's slice of the intermediate dimension."""
 
-    ACTIVATIONS = {
-        "silu": F.silu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    }
-
-    def __init__(self, w: Weights, cfg: ModelConfig, comm: Comm):
+    def __init__(self, w: Weights, cfg: ModelConfig, comm: Comm, ops, dtype: torch.dtype):
         self.ffn_gate_up = ColumnLinear([w["ffn_gate"], w["ffn_up"]])
         self.ffn_down = RowLinear(w["ffn_down"], comm)
-        self.act = self.ACTIVATIONS[cfg.activation]
+        self.n_ff = self.ffn_gate_up.sizes[0]
+        self.act, self.ops, self.dtype = cfg.activation, ops, dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.ffn_gate_up(x)
-        return self.ffn_down(self.act(gate) * up)
+        return self.ffn_down(self.ops.act_mul(self.ffn_gate_up(x), self.n_ff, self.act, self.dtype))
+
+
+# A block output not yet added to the residual stream, with the post-norm weight to apply first.
+Pending = Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
 class DecoderBlock:
-    """h += attn(norm(h)); h += ffn(norm(h)), with optional post-norms (sandwich)."""
+    """h += attn(norm(h)); h += ffn(norm(h)), with optional post-norms (sandwich).
 
-    def __init__(self, w: Weights, cfg: ModelConfig, il: int, shard: LayerShard, rope: Rope, comm: Comm):
-        eps = cfg.norm_eps
-        self.attn_norm = RMSNorm(w["attn_norm"], eps)
-        self.attn = Attention(w, cfg, il, shard, rope, comm)
-        self.ffn_norm = RMSNorm(w["ffn_norm"], eps)
-        self.ffn = GatedFFN(w, cfg, comm)
-        self.post_attention_norm = RMSNorm(w["post_attention_norm"], eps) if cfg.sandwich_norm else None
-        self.post_ffw_norm = RMSNorm(w["post_ffw_norm"], eps) if cfg.sandwich_norm else None
+    The FFN's output is returned, not added: the next block adds it inside its first norm
+    (one fused kernel for add + norm), applying this block's post-FFN norm on the way."""
 
-    def __call__(self, h: torch.Tensor, p: Positions, cache: KVCache, trace=None) -> torch.Tensor:
-        a = self.attn(self.attn_norm(h), p, cache)
-        if self.post_attention_norm is not None:
-            a = self.post_attention_norm(a)
-        h = h + a
-        f = self.ffn(self.ffn_norm(h))
-        if self.post_ffw_norm is not None:
-            f = self.post_ffw_norm(f)
-        if trace is not None:
-            trace("attn_out", self.attn.il, a)
-            trace("ffn_out", self.attn.il, f)
-        return h + f
+    def __init__(self, w: Weights, cfg: ModelConfig, il: int, shard: LayerShard, rope: Rope, comm: Comm,
+                 ops, dtype: torch.dtype):
+        self.eps, self.ops, self.dtype = cfg.norm_eps, ops, dtype
+        self.attn_norm = w["attn_norm"]
+        self.attn = Attention(w, cfg, il, shard, rope, comm, ops)
+        self.ffn_norm = w["ffn_norm"]
+        self.ffn = GatedFFN(w, cfg, comm, ops, dtype)
+        self.post_attention_norm = w["post_attention_norm"] if cfg.sandwich_norm else None
+        self.post_ffw_norm = w["post_ffw_norm"] if cfg.sandwich_norm else None
+
+    def __call__(self, h: torch.Tensor, pending: Pending, p: Positions,
+                 cache: KVCache) -> tuple[torch.Tensor, Pending]:
+        """h: the float32 residual stream (updated in place); pending: the previous block's
+        output still to be added (or None). Returns h and this block's pending output."""
+        h, x = add_norm(self.ops, h, pending, self.attn_norm, self.eps, self.dtype)
+        a = self.attn(x, p, cache)
+        h, x = self.ops.add_rms_norm(h, a, self.ffn_norm, self.eps, post_weight=self.post_attention_norm,
+                                     out_dtype=self.dtype)
+        return h, (self.ffn(x), self.post_ffw_norm)
+
+
+def add_norm(ops, h: torch.Tensor, pending: Pending, weight: torch.Tensor, eps: float, dtype: torch.dtype):
+    """(h + pending, rms_norm of that * weight), the add fused into the norm where there is one."""
+    if pending is None:
+        return h, ops.rms_norm(h, weight, eps, dtype)
+    delta, post = pending
+    return ops.add_rms_norm(h, delta, weight, eps, post_weight=post, out_dtype=dtype)
+
+
+def settle(ops, h: torch.Tensor, pending: Pending, eps: float) -> torch.Tensor:
+    """h + pending without a norm after it (the end of a pipeline stage)."""
+    if pending is None:
+        return h
+    delta, post = pending
+    return h.add_(ops.rms_norm(delta, post, eps, torch.float32) if post is not None else delta.float())

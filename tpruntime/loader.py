@@ -9,6 +9,7 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from .errors import TpError
 from .gguf_file import GGUFFile, TensorInfo
+from .qweight import QuantWeight
 from .quants import dequantize
 
 
@@ -44,6 +45,16 @@ def load_tensor(gf: GGUFFile, name: str, sl: tuple[int, range] | None,
         return torch.empty(shape, device=device, dtype=dtype)
     raw = torch.from_numpy(np.array(data).reshape(-1)).to(device)  # copy: the map is read-only
     return dequantize(raw, info.ggml_type, shape, name=name).to(dtype)
+
+
+def load_quantized(gf: GGUFFile, name: str, sl: tuple[int, range] | None, device: torch.device,
+                   dtype: torch.dtype) -> QuantWeight:
+    """A matrix slice kept in its stored blocks (a column slice is a run of whole blocks in
+    every row, so it is itself a valid block matrix)."""
+    info = gf.tensor(name)
+    data, shape = read_slice(gf, info, sl)
+    raw = torch.from_numpy(np.array(data).reshape(-1)).to(device)  # copy: the map is read-only
+    return QuantWeight(raw, info.ggml_type, shape[0], shape[1], dtype)
 
 
 def load_raw_rows(gf: GGUFFile, name: str, device: torch.device) -> torch.Tensor:

@@ -16,23 +16,30 @@ from .config import ModelConfig
 from .errors import TpError
 from .gguf_file import GGUFFile
 from .kv_cache import KVCache
-from .layers import DecoderBlock, Positions, Rope, rms_norm
-from .loader import load_raw_rows, load_tensor
+from .layers import DecoderBlock, Positions, Rope, add_norm, settle
+from .loader import load_quantized, load_raw_rows, load_tensor
 from .models import model_config
+from .ops import ops_for
 from .plan import PlanOptions, RankShard, make_plan
+from .qweight import keeps_quantized, matmul
 from .quants import dequantize
 from .tensors import dense_tensor_table, resolve
-
-Trace = Callable[[str, int, torch.Tensor], None]
 
 
 class Transformer:
     def __init__(self, gf: GGUFFile, cfg: ModelConfig, shard: RankShard, comm: Comm, *,
                  n_ctx: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 progress: bool = True):
+                 progress: bool = True, dense_weights: bool = False, fused_ops: bool = True,
+                 interpret_kernels: bool = False):
+        """On CUDA matrices stay in their stored GGUF blocks where a kernel reads the type
+        (dense_weights: dequantize all at load) and the elementwise steps run as fused Triton
+        kernels (fused_ops False: the torch reference). On the CPU both are torch, unless
+        interpret_kernels (tests: the kernels under Triton's interpreter)."""
         self.cfg, self.shard, self.comm = cfg, shard, comm
         self.device, self.dtype, self.n_ctx = torch.device(device), dtype, n_ctx
-        self.trace: Trace | None = None
+        kernels = self.device.type == "cuda" or interpret_kernels
+        self.ops = ops_for(fused_ops and kernels)
+        self.quantized = quantized = not dense_weights and kernels
         specs = dense_tensor_table(cfg)
         sources = resolve(gf, specs)  # fails on a bad file before any weight is read
 
@@ -43,9 +50,13 @@ class Transformer:
             src = sources[spec.name]
             if src is None or spec.name == "token_embd.weight" or not shard.holds(spec):
                 continue  # the embedding stays quantized: rows are dequantized on lookup
-            t = load_tensor(gf, src, shard.slice_of(spec, cfg), self.device,
-                            torch.float32 if spec.keeps_f32 else dtype)
-            self.weight_bytes += t.numel() * t.element_size()
+            sl = shard.slice_of(spec, cfg)
+            if keeps_quantized(spec, gf.tensor(src).ggml_type, quantized):
+                t = load_quantized(gf, src, sl, self.device, dtype)
+                self.weight_bytes += t.nbytes
+            else:
+                t = load_tensor(gf, src, sl, self.device, torch.float32 if spec.keeps_f32 else dtype)
+                self.weight_bytes += t.numel() * t.element_size()
             (layer_w[spec.layer] if spec.layer is not None else glob)[spec.attr] = t
 
         if shard.embeds:
@@ -69,7 +80,7 @@ class Transformer:
             if key not in ropes:
                 ropes[key] = Rope(cfg.rope_dim, key[0], key[1], cfg.rope_neox, n_ctx, self.device,
                                   freq_factors)
-            self.blocks.append(DecoderBlock(layer_w[il], cfg, il, ls, ropes[key], block_comm))
+            self.blocks.append(DecoderBlock(layer_w[il], cfg, il, ls, ropes[key], block_comm, self.ops, dtype))
         self.cache = KVCache([len(ls.kv_heads) for ls in shard.layers], n_ctx, cfg.head_dim,
                              cfg.head_dim_v, self.device, dtype)
         self.graphs: DecodeGraphs | None = None
@@ -116,13 +127,17 @@ class Transformer:
             h = self.embed(tokens)
         else:
             h = self.comm.recv_hidden((tokens.shape[0], self.cfg.n_embd), shard.rank - 1, self.device)
+        pending = None
         for blk in self.blocks:
-            h = blk(h, p, self.cache, self.trace)
+            h, pending = blk(h, pending, p, self.cache)
         if shard.last_stage:
-            h = rms_norm(h[-n_out:], self.output_norm, self.cfg.norm_eps)
-            logits = torch.nn.functional.linear(h.to(self.dtype), self.output).float()
+            if n_out < h.shape[0]:  # only the last rows reach the head
+                h = h[-n_out:]
+                pending = pending and (pending[0][-n_out:], pending[1])
+            _, x = add_norm(self.ops, h, pending, self.output_norm, self.cfg.norm_eps, self.dtype)
+            logits = matmul(x, self.output)
         else:
-            self.comm.send_hidden(h, shard.rank + 1)
+            self.comm.send_hidden(settle(self.ops, h, pending, self.cfg.norm_eps), shard.rank + 1)
             logits = torch.empty(n_out, 0, device=self.device)
         return self.comm.gather_vocab(logits, shard.vocab_sizes)
 
@@ -144,6 +159,8 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
 
     def buckets(self) -> list[int]:
+        if all(b.attn.reads_n_keys or b.attn.n_head == 0 for b in self.model.blocks):
+            return [self.model.n_ctx]  # the decode kernel reads the key count from the device
         out, n = [], self.MIN_BUCKET
         while n < self.model.n_ctx:
             out.append(n)
@@ -202,7 +219,8 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str = "auto",
                progress: bool = True, options: PlanOptions = PlanOptions(), local_rank: int = 0,
                make_comm: Callable[[torch.device], Comm] = lambda dev: Comm(),
-               cuda_graphs: bool = True) -> Transformer:
+               cuda_graphs: bool = True, dense_weights: bool = False, fused_ops: bool = True,
+               interpret_kernels: bool = False) -> Transformer:
     """Open, validate and load a GGUF model: this rank's shard of it under `options`.
 
     Every check (file, flags, plan) runs before `make_comm` joins the other ranks and before
@@ -222,8 +240,11 @@ def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str 
     plan = make_plan(cfg, options, gf)
     comm = make_comm(dev)
     model = Transformer(gf, cfg, plan.ranks[comm.rank], comm, n_ctx=n_ctx, device=dev,
-                        dtype=DTYPES[dtype], progress=progress and comm.rank == 0)
-    model.planned_bytes = plan.resident_bytes(comm.rank, gf, DTYPES[dtype].itemsize)
+                        dtype=DTYPES[dtype], progress=progress and comm.rank == 0,
+                        dense_weights=dense_weights, fused_ops=fused_ops, interpret_kernels=interpret_kernels)
+    model.planned_bytes = plan.resident_bytes(
+        comm.rank, gf, DTYPES[dtype].itemsize,
+        keeps_quantized=lambda spec, qtype: keeps_quantized(spec, qtype, model.quantized))
     model.use_cuda_graphs(cuda_graphs)
     return model
 

@@ -156,12 +156,13 @@ class Plan:
             out.append((spec, src, sl, n, n // block * type_size))
         return out
 
-    def resident_bytes(self, rank: int, gf, element_size: int) -> int:
-        """Weight bytes the loader keeps on this rank's device: the embedding table as stored
-        (rows are dequantized on lookup), every other tensor dequantized to `element_size`."""
+    def resident_bytes(self, rank: int, gf, element_size: int, keeps_quantized=lambda spec, qtype: False) -> int:
+        """Weight bytes the loader keeps on this rank's device: the embedding table and the
+        matrices `keeps_quantized(spec, qtype)` names as stored (rows are dequantized on lookup,
+        matrices read by the quantized kernels), every other tensor dequantized to `element_size`."""
         total = 0
-        for spec, _, _, n, nbytes in self.tensor_slices(rank, gf):
-            if spec.name == "token_embd.weight":
+        for spec, src, _, n, nbytes in self.tensor_slices(rank, gf):
+            if spec.name == "token_embd.weight" or keeps_quantized(spec, gf.tensors[src].ggml_type):
                 total += nbytes
             else:
                 total += n * (4 if spec.keeps_f32 else element_size)

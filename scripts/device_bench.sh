@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Device-tool run (one GPU; TP stages where NPS lists 2): GPU kernel tests, then issue 12's
+# sweep-bench table on synthetic qwen3-8b / qwen3-32b files (Q4_K weights, Q6_K output, gpt-2
+# vocabulary), the kernel path against the dequantized-bf16 torch path, and a decode profile.
+#   STAGES="tests bench8 base8 bench32 long32 profile" bash scripts/device_bench.sh
+# (carry .whl and .dev/ggml-vocab-gpt-2.gguf). Logs under $OUT; the last lines are a summary.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; W=/tmp/tpcheck; mkdir -p "$OUT" "$W"
+[ -d /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+ln -sfn ../kernels tpruntime/kernels
+export PYTHONPATH=/tmp/site:$PWD
+STAGES=${STAGES:-tests bench8 base8 bench32}
+NPS=${NPS:-1}
+SWEEP=${SWEEP:--c 8192 -ub 2048 -b 2048 -n 128}  # the issue's llama-sweep-bench flags
+SUM=$OUT/summary.txt; : > "$SUM"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$SUM"
+
+model() {  # model SHAPE -> path of the synthetic file (written once per machine)
+  local q=$W/$1-q4_k.gguf
+  if [ ! -f "$q" ]; then
+    local t0=$SECONDS
+    python3 -m tpruntime synth -o "$q" --shape "$1" --qtype Q4_K --output-qtype Q6_K \
+        --vocab .dev/ggml-vocab-gpt-2.gguf > /dev/null 2>&1
+    echo "synth $1: $((SECONDS - t0)) s" >> "$SUM"
+  fi
+  echo "$q"
+}
+
+sweep() {  # sweep LABEL SHAPE NP [extra flags]
+  local label=$1 shape=$2 np=$3; shift 3
+  local m; m=$(model "$shape")
+  echo "--- $label: $shape np=$np $* ($SWEEP)" | tee -a "$SUM"
+  timeout 400 python3 -m tpruntime launch --nproc-per-node "$np" sweep-bench -m "$m" $SWEEP \
+      --device cuda --dtype bf16 "$@" > "$OUT/$label-$shape-np$np.txt" 2>&1
+  grep -E "^\||rror" "$OUT/$label-$shape-np$np.txt" | tail -8 | tee -a "$SUM"
+}
+
+for st in $STAGES; do case $st in
+  tests)
+    timeout 300 python3 -m pytest -q -m gpu -x tests/test_fused_kernels.py tests/test_decode_attention.py \
+        tests/test_dequant_kernel.py tests/test_models.py > "$OUT/gpu_tests.txt" 2>&1
+    echo "gpu tests: $(tail -1 "$OUT/gpu_tests.txt")" | tee -a "$SUM" ;;
+  bench8)  for np in $NPS; do sweep kernels qwen3-8b "$np"; done ;;
+  base8)   sweep torch-bf16 qwen3-8b 1 --dense-weights --no-fused-ops ;;
+  bench32) for np in $NPS; do sweep kernels qwen3-32b "$np"; done ;;
+  long32)  # decode at depth 32768 (the long-context target): prefill 32k, then time decode
+    timeout 300 python3 scripts/profile_decode.py "$(model qwen3-32b)" --depth 32768 --steps 20 --no-profile \
+        > "$OUT/long32.txt" 2>&1; grep -E "t/s|rror" "$OUT/long32.txt" | tee -a "$SUM" ;;
+  profile)
+    timeout 200 python3 scripts/profile_decode.py "$(model qwen3-8b)" --depth 512 > "$OUT/profile8.txt" 2>&1
+    grep -E "t/s|GPU kernel time|rror" "$OUT/profile8.txt" | tee -a "$SUM" ;;
+  kbench)
+    timeout 200 python3 scripts/bench_attention.py > "$OUT/bench_attention.txt" 2>&1
+    tail -20 "$OUT/bench_attention.txt" | tee -a "$SUM" ;;
+esac; done
+echo "=== summary"; cat "$SUM"

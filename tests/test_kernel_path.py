@@ -1,0 +1,65 @@
+"""The model on its GPU path (weights kept in GGUF blocks, fused Triton ops, split-K decode
+attention) against the torch reference path, on the CPU under Triton's interpreter: every
+kernel as the model calls it, prefill (dequantize + matmul and GEMV tails) and decode.
+tests/test_models.py repeats this compiled on CUDA with CUDA graphs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="triton is not installed (it belongs in the test extra)")
+
+from tpruntime.generate import prefill  # noqa: E402
+from tpruntime.model import load_model  # noqa: E402
+from tpruntime.ops import TritonOps  # noqa: E402
+from tpruntime.qweight import QuantWeight  # noqa: E402
+from tpruntime.synthetic import Shape, write_model  # noqa: E402
+
+# The interpreter runs each kernel program as Python (~0.1 s per GEMV program), so these
+# shapes are smaller than the tiny ones: 64-wide rows, still whole Q8_0 blocks. Together they
+# take every branch of the kernels: interleaved (llama) and neox rope, q/k biases (qwen2),
+# q/k norms, sandwich norms, a sliding window, one KV head and gelu (gemma3).
+MICRO = {
+    "llama": Shape("llama", 64, 1, 2, 1, 32, 128, 64, rope_base=500000.0, norm_eps=1e-5),
+    "qwen2": Shape("qwen2", 64, 1, 2, 1, 32, 128, 64),
+    "gemma3": Shape("gemma3", 64, 2, 2, 1, 32, 128, 64, sliding_window=8),
+}
+
+
+@pytest.fixture(scope="module")
+def micro_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("micro")
+    return {k: write_model(d / f"{k}.gguf", s, qtype="Q8_0", seed=2, target_std=0.05) for k, s in MICRO.items()}
+
+
+def _run(lm, prompt: list[int], steps: list[int]) -> torch.Tensor:
+    # ub 10: one chunk over the GEMV limit (dequantize + matmul), then a 2-token GEMV tail.
+    first = prefill(lm, prompt, n_ubatch=10, all_logits=True)
+    rest = [lm.forward(torch.tensor([t]), len(prompt) + i) for i, t in enumerate(steps)]
+    return torch.cat([first] + rest).float().cpu()
+
+
+@pytest.mark.skipif(CUDA, reason="the CUDA variant is test_models.test_cuda_kernels_equal_torch_reference")
+@pytest.mark.parametrize("arch", MICRO)
+def test_interpreted_kernels_equal_torch_path(arch, micro_models):
+    path = str(micro_models[arch])
+    ref = load_model(path, n_ctx=32, progress=False)
+    fast = load_model(path, n_ctx=32, progress=False, interpret_kernels=True)
+    assert isinstance(fast.ops, TritonOps) and not isinstance(ref.ops, TritonOps)
+    blk = fast.blocks[0]
+    assert isinstance(blk.ffn.ffn_down.weight, QuantWeight) and isinstance(blk.attn.attn_qkv.parts[0], QuantWeight)
+    assert fast.weight_bytes == fast.planned_bytes < ref.weight_bytes / 3
+    g = torch.Generator().manual_seed(3)
+    # 12 prompt tokens and 2 decoded: past gemma3's sliding window of 8.
+    prompt = torch.randint(0, ref.cfg.n_vocab, (12,), generator=g).tolist()
+    steps = torch.randint(0, ref.cfg.n_vocab, (2,), generator=g).tolist()
+    a, b = _run(fast, prompt, steps), _run(ref, prompt, steps)
+    assert a.shape == b.shape == (len(prompt) + len(steps), ref.cfg.n_vocab)
+    scale = b.abs().max().item()
+    assert (a - b).abs().max().item() <= 1e-4 * max(scale, 1.0)

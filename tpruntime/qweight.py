@@ -1,0 +1,84 @@
+"""Weight matrices kept on the GPU as their stored GGUF blocks.
+
+Decode reads every weight byte once per token, so its speed is the stored size: a Q4_K matrix
+is 3.6x fewer bytes than its bf16 dequantization. A few tokens go through the quantized GEMV
+kernels (tpruntime.kernels.gemv); a prefill batch dequantizes the matrix a slice at a time into
+a scratch buffer and runs the tensor-core matmul there, where the math, not the bytes, is the
+cost (dequantizing is a few percent of a ub=512 matmul's time and no memory stays behind).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from gguf.constants import GGMLQuantizationType as Q
+
+from .kernels import QUANT_KERNEL_TYPES
+from .tensors import TensorSpec
+
+# Up to this many tokens a GEMV (bytes-bound) beats dequantize + matmul.
+GEMV_MAX_TOKENS = 8
+# Elements dequantized at once for a prefill matmul: bounds the scratch at 128 MiB of bf16
+# whatever the weight (a 152k-row vocabulary head would otherwise need 1.5 GB).
+SCRATCH_ELEMENTS = 1 << 26
+
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def keeps_quantized(spec: TensorSpec, qtype: Q, kernels: bool) -> bool:
+    """Whether the loader keeps this tensor as stored blocks for the kernels (else it
+    dequantizes it at load). The token embedding is always kept as stored rows (looked up,
+    not multiplied), whatever the path."""
+    return (kernels and len(spec.shape) == 2 and not spec.keeps_f32
+            and qtype in QUANT_KERNEL_TYPES and spec.name != "token_embd.weight")
+
+
+class QuantWeight:
+    """raw: uint8 [n_out, row_bytes] on the GPU, rows of k_in values in `qtype` blocks."""
+
+    def __init__(self, raw: torch.Tensor, qtype: Q, n_out: int, k_in: int, dtype: torch.dtype):
+        self.raw, self.qtype, self.n_out, self.k_in = raw.reshape(n_out, -1), Q(qtype), n_out, k_in
+        self.dtype = dtype  # the compute dtype of the prefill matmul
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_out, self.k_in
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    @staticmethod
+    def cat(parts: list["QuantWeight"]) -> "QuantWeight":
+        """Rows of several matrices of one type and input size as one (fused q/k/v, gate/up)."""
+        return QuantWeight(torch.cat([p.raw for p in parts]), parts[0].qtype,
+                           sum(p.n_out for p in parts), parts[0].k_in, parts[0].dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, k_in] -> float32 [T, n_out]."""
+        from .kernels.dequant import dequantize_rows
+        from .kernels.gemv import qgemv
+
+        if x.shape[0] <= GEMV_MAX_TOKENS:
+            return qgemv(x, self.raw, self.qtype, self.n_out, self.k_in)
+        x = x.to(self.dtype)
+        rows = max(1, SCRATCH_ELEMENTS // self.k_in)
+        key = (x.device, self.dtype)
+        need = min(rows, self.n_out) * self.k_in
+        if key not in _scratch or _scratch[key].numel() < need:
+            _scratch[key] = torch.empty(need, dtype=self.dtype, device=x.device)
+        out = torch.empty(x.shape[0], self.n_out, dtype=torch.float32, device=x.device)
+        for r0 in range(0, self.n_out, rows):
+            r1 = min(r0 + rows, self.n_out)
+            w = dequantize_rows(self.raw[r0:r1], self.qtype, r1 - r0, self.k_in, dtype=self.dtype,
+                                out=_scratch[key])
+            # The stream orders this matmul's read of the scratch before the next slice's write.
+            out[:, r0:r1] = F.linear(x, w)
+        return out
+
+
+def matmul(x: torch.Tensor, w: "torch.Tensor | QuantWeight") -> torch.Tensor:
+    """x @ w.T in float32 for a dense or a quantized weight."""
+    if isinstance(w, QuantWeight):
+        return w(x)
+    return F.linear(x.to(w.dtype), w).float()
