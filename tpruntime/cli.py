@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import sys
+import time
 
 import click
 
@@ -23,6 +24,9 @@ def _rank() -> int:
         return 0
 
 
+_QUIET_RANK_WAIT_S = 5.0
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         rank = _rank()
@@ -30,9 +34,12 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except TpError as e:
-            # Bad input is the same on every rank: rank 0 says it once.
-            if rank == 0 or e.local:
-                click.echo(f"{prefix}error: {e}", err=True)
+            # Bad input is the same on every rank: rank 0 says it once. Another rank must not
+            # exit first: torchrun would stop rank 0 before it has printed. It gives rank 0
+            # time (torchrun's SIGTERM ends the wait), and says it itself if rank 0 never does.
+            if rank != 0 and not e.local:
+                time.sleep(_QUIET_RANK_WAIT_S)
+            click.echo(f"{prefix}error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo(f"{prefix}interrupted", err=True)
