@@ -337,11 +337,13 @@ def act_mul(gate_up: torch.Tensor, n_ff: int, act: str = "silu",
         raise ValueError(f"act_mul: activation {act!r} is not one of {sorted(_ACTS)}")
     if gate_up.shape[-1] != 2 * n_ff:
         raise ValueError(f"act_mul: gate_up {tuple(gate_up.shape)} does not end in 2 * n_ff = {2 * n_ff}")
+    out = torch.empty(*gate_up.shape[:-1], n_ff, dtype=out_dtype, device=gate_up.device)
+    if n_ff == 0:  # a rank outside the layer's FFN (and reshape(-1, 0) is ambiguous)
+        return out
     g2 = gate_up.reshape(-1, 2 * n_ff)
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
-    out = torch.empty(*gate_up.shape[:-1], n_ff, dtype=out_dtype, device=gate_up.device)
-    if g2.shape[0] and n_ff:
+    if g2.shape[0]:
         cfg = _act_config(n_ff)
         _act_mul_kernel[(g2.shape[0], triton.cdiv(n_ff, cfg["BLOCK"]))](
             g2, out, n_ff, g2.stride(0), n_ff, ACT=_ACTS[act], RNE=_interpreted(), **cfg)

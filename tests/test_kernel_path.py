@@ -63,3 +63,28 @@ def test_interpreted_kernels_equal_torch_path(arch, micro_models):
     assert a.shape == b.shape == (len(prompt) + len(steps), ref.cfg.n_vocab)
     scale = b.abs().max().item()
     assert (a - b).abs().max().item() <= 1e-4 * max(scale, 1.0)
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter check; CUDA runs the same path compiled")
+def test_interpreted_kernels_on_a_rank_that_sits_layers_out(micro_models):
+    """Under --max-gpu a rank holds empty slices of the layers it does not join (no q heads, no
+    FFN columns) and still adds its zero share: the kernel path must treat those empty matrices
+    as F.linear does. Each rank's partial logits (identity comm) equal the torch path's."""
+    from tpruntime.comm import Comm
+    from tpruntime.gguf_file import GGUFFile
+    from tpruntime.model import Transformer
+    from tpruntime.models import model_config
+    from tpruntime.plan import PlanOptions, make_plan
+
+    gf = GGUFFile(str(micro_models["gemma3"]))
+    cfg = model_config(gf)
+    plan = make_plan(cfg, PlanOptions(world_size=2, max_gpu=1), gf)
+    prompt = list(range(5, 17))
+    for rank in plan.ranks:
+        assert any(not ls.joins for ls in rank.layers)
+        outs = []
+        for kernels in (True, False):
+            m = Transformer(gf, cfg, rank, Comm(), n_ctx=32, progress=False, interpret_kernels=kernels)
+            outs.append(_run(m, prompt, [3]))
+        scale = outs[1].abs().max().item()
+        assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * max(scale, 1.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from .kernels import QUANT_KERNEL_TYPES
@@ -37,7 +38,10 @@ class QuantWeight:
     """raw: uint8 [n_out, row_bytes] on the GPU, rows of k_in values in `qtype` blocks."""
 
     def __init__(self, raw: torch.Tensor, qtype: Q, n_out: int, k_in: int, dtype: torch.dtype):
-        self.raw, self.qtype, self.n_out, self.k_in = raw.reshape(n_out, -1), Q(qtype), n_out, k_in
+        block, type_size = GGML_QUANT_SIZES[Q(qtype)]
+        # Explicit row bytes: a rank outside a layer holds 0-row or 0-column slices.
+        self.raw = raw.reshape(n_out, k_in // block * type_size)
+        self.qtype, self.n_out, self.k_in = Q(qtype), n_out, k_in
         self.dtype = dtype  # the compute dtype of the prefill matmul
 
     @property
@@ -59,6 +63,8 @@ class QuantWeight:
         from .kernels.dequant import dequantize_rows
         from .kernels.gemv import qgemv
 
+        if self.n_out == 0 or self.k_in == 0:  # an empty slice adds nothing, as with F.linear
+            return x.new_zeros(x.shape[0], self.n_out, dtype=torch.float32)
         if x.shape[0] <= GEMV_MAX_TOKENS:
             return qgemv(x, self.raw, self.qtype, self.n_out, self.k_in)
         x = x.to(self.dtype)
