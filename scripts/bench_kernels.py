@@ -281,14 +281,18 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(dict(device=name, copy_GBps=copy_bw / 1e9, read_GBps=read_bw / 1e9, hbm_GBps=hbm / 1e9,
-                       host_us={str(k): v for k, v in hosts.items()}, rows=rows), f, indent=1)
-
     table = report(rows, f"device: {name}; HBM {hbm / 1e12:.2f} TB/s; copy {copy_bw / 1e9:.0f} GB/s; "
                          f"read (torch sum) {read_bw / 1e9:.0f} GB/s; times are CUDA-graph replays", args.xdtype[0])
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
+    save(args.out, "bench", table, dict(device=name, copy_GBps=copy_bw / 1e9, read_GBps=read_bw / 1e9,
+                                        hbm_GBps=hbm / 1e9, host_us={str(k): v for k, v in hosts.items()}, rows=rows))
+
+
+def save(out: str, stem: str, table: str, results: dict) -> None:
+    """out/stem.json (every row) and out/stem.md (the table), and the table on stdout."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(table + "\n")
     print("\n" + table)
 
@@ -355,10 +359,6 @@ def bench_dequant(args, shapes: list[tuple[int, int]], hbm: float, copy_bw: floa
                     print(json.dumps(row), flush=True)
                     torch.cuda.empty_cache()
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "dequant.json"), "w") as f:
-        json.dump(dict(device=name, copy_GBps=copy_bw / 1e9, hbm_GBps=hbm / 1e9,
-                       host_us={str(k): v for k, v in host.items()}, rows=rows), f, indent=1)
     lines = [f"device: {name}; HBM {hbm / 1e12:.2f} TB/s; copy {copy_bw / 1e9:.0f} GB/s; dequantize_rows, "
              "CUDA-graph replays; GB/s counts bytes read + written", "",
              "| type | n_out x k_in | out | read MB | write MB | cfg | us | GB/s | % HBM | % copy | exact |",
@@ -372,10 +372,8 @@ def bench_dequant(args, shapes: list[tuple[int, int]], hbm: float, copy_bw: floa
             continue
         lines.append(f"{head} {r['us']:.1f} | {r['GBps']:.0f} | {r['pct_hbm']:.0f} | {r['pct_copy']:.0f} | "
                      f"{r.get('exact', '')} |")
-    table = "\n".join(lines)
-    with open(os.path.join(args.out, "dequant.md"), "w") as f:
-        f.write(table + "\n")
-    print("\n" + table)
+    save(args.out, "dequant", "\n".join(lines), dict(device=name, copy_GBps=copy_bw / 1e9, hbm_GBps=hbm / 1e9,
+                                                      host_us={str(k): v for k, v in host.items()}, rows=rows))
 
 
 def report(rows: list[dict], head: str, xd0: str) -> str:

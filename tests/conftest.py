@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+# Without a GPU the Triton kernels run in Triton's interpreter on the CPU; it is chosen when
+# triton is imported, so here, before any test module imports it.
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The repo is checked out with shared/ beside it (../shared/fixtures).
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"

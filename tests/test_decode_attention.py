@@ -7,14 +7,11 @@ replays one captured CUDA graph at several numbers of keys.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from conftest import CUDA  # (conftest picked Triton's interpreter without a GPU)
 pytest.importorskip("triton", reason="triton is not installed (it belongs in the test extra)")
 
 from tpruntime.kernels.attention import decode_attention, decode_attention_reference, plan  # noqa: E402

@@ -9,15 +9,12 @@ module docstring).
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from conftest import CUDA  # (conftest picked Triton's interpreter without a GPU)
 pytest.importorskip("triton", reason="triton is not installed (it belongs in the test extra)")
 
 from gguf.constants import GGML_QUANT_SIZES  # noqa: E402

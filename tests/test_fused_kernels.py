@@ -9,14 +9,11 @@ replays the kernels from a captured CUDA graph.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from conftest import CUDA  # (conftest picked Triton's interpreter without a GPU)
 pytest.importorskip("triton", reason="triton is not installed (it belongs in the test extra)")
 
 from tpruntime.kernels import fused  # noqa: E402

@@ -5,14 +5,11 @@ tests/test_models.py repeats this compiled on CUDA with CUDA graphs."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from conftest import CUDA  # (conftest picked Triton's interpreter without a GPU)
 pytest.importorskip("triton", reason="triton is not installed (it belongs in the test extra)")
 
 from tpruntime.generate import prefill  # noqa: E402

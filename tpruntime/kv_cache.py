@@ -18,10 +18,13 @@ class KVCache:
         size = torch.empty((), dtype=dtype).element_size()
         return sum(n * (head_dim + head_dim_v) * size for n in n_head_kv)
 
-    def store(self, il: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [T, heads, d] for positions pos ([T] int64 on the device)."""
-        self.k[il].index_copy_(1, pos, k.transpose(0, 1).to(self.k[il].dtype))
-        self.v[il].index_copy_(1, pos, v.transpose(0, 1).to(self.v[il].dtype))
+    @staticmethod
+    def store(k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Write k, v ([T, heads, d]) at positions pos ([T] int64 on the device) of one layer's
+        caches (self.k[il], self.v[il]): the ops take the layer's tensors, not the cache."""
+        k_cache.index_copy_(1, pos, k.transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(1, pos, v.transpose(0, 1).to(v_cache.dtype))
 
     def view(self, il: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[il][:, start:stop], self.v[il][:, start:stop]

@@ -37,13 +37,20 @@ def read_slice(gf: GGUFFile, info: TensorInfo, sl: tuple[int, range] | None) -> 
     return data, tuple(shape)
 
 
-def load_tensor(gf: GGUFFile, name: str, sl: tuple[int, range] | None,
-                device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _slice_to_device(gf: GGUFFile, name: str, sl: tuple[int, range] | None,
+                     device: torch.device) -> tuple[TensorInfo, torch.Tensor, tuple[int, ...]]:
+    """The stored bytes of a slice on the device (flat uint8), with the tensor's info and the
+    slice's shape."""
     info = gf.tensor(name)
     data, shape = read_slice(gf, info, sl)
+    return info, torch.from_numpy(np.array(data).reshape(-1)).to(device), shape  # copy: the map is read-only
+
+
+def load_tensor(gf: GGUFFile, name: str, sl: tuple[int, range] | None,
+                device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    info, raw, shape = _slice_to_device(gf, name, sl, device)
     if 0 in shape:  # a rank that sits this layer out
         return torch.empty(shape, device=device, dtype=dtype)
-    raw = torch.from_numpy(np.array(data).reshape(-1)).to(device)  # copy: the map is read-only
     return dequantize(raw, info.ggml_type, shape, name=name).to(dtype)
 
 
@@ -51,9 +58,7 @@ def load_quantized(gf: GGUFFile, name: str, sl: tuple[int, range] | None, device
                    dtype: torch.dtype) -> QuantWeight:
     """A matrix slice kept in its stored blocks (a column slice is a run of whole blocks in
     every row, so it is itself a valid block matrix)."""
-    info = gf.tensor(name)
-    data, shape = read_slice(gf, info, sl)
-    raw = torch.from_numpy(np.array(data).reshape(-1)).to(device)  # copy: the map is read-only
+    info, raw, shape = _slice_to_device(gf, name, sl, device)
     return QuantWeight(raw, info.ggml_type, shape[0], shape[1], dtype)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import KVCache
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
@@ -64,8 +66,7 @@ class TorchOps:
         if q_norm is not None:
             q, k = cls.rms_norm(q, q_norm, eps, torch.float32), cls.rms_norm(k, k_norm, eps, torch.float32)
         q, k = cls.rope(q, cos, sin, pos, rope_dim, neox), cls.rope(k, cos, sin, pos, rope_dim, neox)
-        k_cache.index_copy_(1, pos, k.transpose(0, 1).to(k_cache.dtype))
-        v_cache.index_copy_(1, pos, v.reshape(T, n_head_kv, head_dim_v).transpose(0, 1).to(v_cache.dtype))
+        KVCache.store(k_cache, v_cache, pos, k, v.reshape(T, n_head_kv, head_dim_v))
         return q.to(q_dtype)
 
     @staticmethod
