@@ -48,8 +48,16 @@ for st in $STAGES; do case $st in
     timeout 300 python3 scripts/profile_decode.py "$(model qwen3-32b)" --depth 32768 --steps 20 --no-profile \
         > "$OUT/long32.txt" 2>&1; grep -E "t/s|rror" "$OUT/long32.txt" | tee -a "$SUM" ;;
   profile)
-    timeout 200 python3 scripts/profile_decode.py "$(model qwen3-8b)" --depth 512 > "$OUT/profile8.txt" 2>&1
-    grep -E "t/s|GPU kernel time|rror" "$OUT/profile8.txt" | tee -a "$SUM" ;;
+    for sh in ${DSHAPES:-qwen3-8b}; do
+      timeout 200 python3 scripts/profile_decode.py "$(model $sh)" --depth 512 > "$OUT/profile-$sh.txt" 2>&1
+      grep -E "t/s|GPU kernel time|rror" "$OUT/profile-$sh.txt" | tee -a "$SUM"; done ;;
+  pprof)  # where a prefill chunk's time goes (ub 2048, depth 0 and 2048)
+    for sh in ${PSHAPES:-qwen3-8b qwen3-32b}; do
+      timeout 300 python3 scripts/profile_decode.py "$(model $sh)" --prefill 2048 --depth 2048 > "$OUT/pprof-$sh.txt" 2>&1
+      grep -E "^prefill|rror" "$OUT/pprof-$sh.txt" | tee -a "$SUM"; done ;;
+  dqbench)
+    timeout 200 python3 scripts/bench_kernels.py --dequant --out "$OUT" > "$OUT/dqbench.txt" 2>&1
+    tail -40 "$OUT/dqbench.txt" | tee -a "$SUM" ;;
   kbench)
     timeout 200 python3 scripts/bench_attention.py > "$OUT/bench_attention.txt" 2>&1
     tail -20 "$OUT/bench_attention.txt" | tee -a "$SUM" ;;

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .comm import Comm
 from .config import ModelConfig
@@ -131,8 +132,15 @@ class Attention:
         keys, values = cache.view(self.il, start, p.k_stop)  # [n_head_kv, S, d]
         # A prompt from position 0 is plain causal: SDPA's flash kernel masks it itself.
         causal = T > 1 and not self.window and p.first == 0 and p.k_stop == T
+        # A later chunk of a prompt (the keys are the cache up to its last position) is causal
+        # aligned to the bottom right, which flash attention also masks itself on CUDA; the
+        # CPU has no kernel for that alignment, so it builds the mask.
+        lower_right = (not causal and T > 1 and not self.window and p.first is not None and x.is_cuda
+                       and p.k_stop == p.first + T and self.whole_groups)
         mask = None
-        if not causal and (T > 1 or self.window or p.first is None):
+        if lower_right:
+            mask = causal_lower_right(T, p.k_stop)
+        elif not causal and (T > 1 or self.window or p.first is None):
             key = ("mask", start, self.window)
             if key not in p.memo:  # once per step for each kind of layer
                 k_pos = torch.arange(start, p.k_stop, device=x.device)[None, :]
@@ -142,13 +150,18 @@ class Attention:
                     mask &= q_pos - k_pos < self.window
                 p.memo[key] = mask
             mask = p.memo[key]
-        # Grouped heads are broadcast by SDPA only in its flash and math kernels; with a mask
-        # on CUDA, copying the KV heads out lets the memory-efficient kernel take it instead
-        # of the math one (which materializes every score in float32).
-        if self.n_head != self.n_head_kv and (not self.whole_groups or (mask is not None and x.is_cuda)):
+        # Grouped heads are broadcast by SDPA only in its flash and math kernels; with a
+        # boolean mask on CUDA, copying the KV heads out lets the memory-efficient kernel take
+        # it instead of the math one (which materializes every score in float32).
+        # (The bottom-right causal mask runs in flash attention, which broadcasts them, for
+        # 16-bit inputs; in float32 it runs in the memory-efficient kernel.)
+        flash = lower_right and q.dtype in (torch.float16, torch.bfloat16)
+        if self.n_head != self.n_head_kv and (not self.whole_groups or (mask is not None and x.is_cuda and not flash)):
             keys, values = keys[self.kv_of_q], values[self.kv_of_q]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask, is_causal=causal,
-                                             scale=self.scale, enable_gqa=self.n_head != keys.shape[0])
+        # 4-D: SDPA's fused CUDA kernels reject 3-D inputs and would fall back to the math one.
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+                                             is_causal=causal, scale=self.scale,
+                                             enable_gqa=self.n_head != keys.shape[0])[0]
         return self.attn_output(out.transpose(0, 1).reshape(T, self.n_head * self.head_dim_v))
 
 
