@@ -13,6 +13,7 @@ float64 reference at the real shape.
     python scripts/bench_kernels.py --sweep          # tile configs per type, best one per shape
     python scripts/bench_kernels.py --tokens 1 2 4 8 --xdtype f32 --jobs 16
     python scripts/bench_kernels.py --dequant        # dequantize_rows instead (prefill path)
+    python scripts/bench_kernels.py --q8 --types Q4_K --sweep   # qgemv_q8 (int8 x), T=1
     python scripts/bench_kernels.py --dequant --sweep --odtype bf16 f32 --peak 3.35
 
 Kernels compile first in --jobs worker processes (into Triton's on-disk cache); the markdown
@@ -52,11 +53,24 @@ SWEEP_K = [dict(BN=2), dict(ORD=1, num_warps=2), dict(BB=16), dict(num_warps=2),
 SWEEP_6K = [dict(BN=2), dict(BN=8), dict(num_warps=2), dict(BB=8), dict(ORD=1), dict(num_warps=4)]
 SWEEP_0 = [dict(BN=2), dict(ORD=1, num_warps=2), dict(BN=8), dict(num_warps=2), dict(BB=64),
            dict(BN=4, num_warps=4)]
+# --q8 --sweep: overrides of kernels/gemv_q8.py default_config
+SWEEP_Q8 = [dict(BN=2), dict(REP=1), dict(BN=8, REP=1), dict(BN=2, REP=4), dict(SPLIT_K=1), dict(SPLIT_K=2),
+            dict(SPLIT_K=4), dict(num_warps=2, REP=1), dict(BN=8), dict(BN=2, SPLIT_K=4)]
 SWEEP_T = [dict(BN=4, TG=2), dict(BN=2, TG=2), dict(BN=2, TG=4), dict(BN=4, TG=4)]
 # --dequant --sweep: overrides of kernels/dequant.py default_config, as values per program
 # (BB = VALUES / block size) and warps.
 SWEEP_DEQUANT = [dict(VALUES=2048), dict(VALUES=8192), dict(VALUES=16384, num_warps=8),
                  dict(VALUES=8192, num_warps=8), dict(num_warps=2), dict(num_warps=8)]
+
+
+def gemv_kernel():
+    """The GEMV under test: qgemv, or qgemv_q8 with --q8 (an environment switch, so that the
+    spawned compile workers take the same one)."""
+    if os.environ.get("BENCH_Q8") == "1":
+        from tpruntime.kernels.gemv_q8 import qgemv_q8
+        return qgemv_q8
+    from tpruntime.kernels.gemv import qgemv
+    return qgemv
 
 
 def sweep_for(qname: str) -> list[dict]:
@@ -92,7 +106,8 @@ def _compile_one(task) -> tuple:
     try:
         from gguf.constants import GGMLQuantizationType as Q
 
-        from tpruntime.kernels.gemv import qgemv, weight_bytes
+        from tpruntime.kernels.gemv import weight_bytes
+        qgemv = gemv_kernel()
         qtype = Q[qname]
         w = torch.zeros(weight_bytes(qtype, n, k), dtype=torch.uint8, device="cuda").view(n, -1)
         x = torch.zeros(t, k, dtype=dtype_of(xd), device="cuda")
@@ -159,8 +174,8 @@ def host_us(fn, n: int = 300) -> float:
 def check(qtype, n: int, k: int, t: int, xd: str, cfg: dict | None, dev) -> float:
     from gguf.constants import GGML_QUANT_SIZES
 
-    from tpruntime.kernels.gemv import qgemv
     from tpruntime.quants import dequantize, random_blocks
+    qgemv = gemv_kernel()
     rng = np.random.default_rng(n + k + t)
     block = GGML_QUANT_SIZES[qtype][0]
     raw = torch.from_numpy(random_blocks(qtype, n * k // block, rng)).to(dev).view(n, -1)
@@ -184,6 +199,7 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--dequant", action="store_true", help="time dequantize_rows instead of qgemv")
+    ap.add_argument("--q8", action="store_true", help="time qgemv_q8 (x rounded to int8) instead of qgemv")
     ap.add_argument("--odtype", nargs="+", default=["bf16"], choices=["bf16", "f32", "f16"],
                     help="--dequant output dtypes")
     ap.add_argument("--peak", type=float, default=None,
@@ -194,6 +210,13 @@ def main() -> None:
     from gguf.constants import GGMLQuantizationType as Q
 
     from tpruntime.kernels.gemv import _plan, default_config, qgemv, weight_bytes
+    from tpruntime.kernels.gemv_q8 import _plan as q8_plan
+    from tpruntime.kernels.gemv_q8 import default_config as q8_default
+    if args.q8:
+        os.environ["BENCH_Q8"] = "1"
+        qgemv = gemv_kernel()  # noqa: F811 (the same call signature, one token)
+        if args.tokens != [1] or any(x not in ("bf16", "f16") for x in args.xdtype):
+            ap.error("--q8 times one token of bf16/f16 x")
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
@@ -225,8 +248,9 @@ def main() -> None:
                         continue
                     cases.append((qname, n, k, t, xd, None, "default"))
                     if args.sweep and si < args.sweep_shapes and xd == args.xdtype[0]:
-                        dflt = default_config(Q[qname], n, k, t, dtype_of(xd).itemsize)
-                        for i, cfg in enumerate(sweep_for(qname) if t == 1 else SWEEP_T):
+                        dflt = (q8_default(Q[qname], n, k) if args.q8 else
+                                default_config(Q[qname], n, k, t, dtype_of(xd).itemsize))
+                        for i, cfg in enumerate(SWEEP_Q8 if args.q8 else sweep_for(qname) if t == 1 else SWEEP_T):
                             if any(dflt.get(key) != val for key, val in cfg.items()):
                                 cases.append((qname, n, k, t, xd, cfg, f"s{i}"))
     precompile([c[:6] for c in cases], args.jobs)
@@ -244,8 +268,13 @@ def main() -> None:
     for qname, n, k, t, xd, cfg, label in cases:
         qtype = Q[qname]
         wb = weight_bytes(qtype, n, k)
-        kw = _plan(qtype, n, k, t, dtype_of(xd), True, tuple(sorted(cfg.items())) if cfg else ())[3]
-        full = {key: kw[key] for key in ("ORD", "num_warps", "BN", "BB", "TG")}
+        key_cfg = tuple(sorted(cfg.items())) if cfg else ()
+        if args.q8:
+            kw = q8_plan(qtype, n, k, True, key_cfg)[3]
+            full = {key: kw[key] for key in ("num_warps", "BN", "BB", "SPLIT_K")}
+        else:
+            kw = _plan(qtype, n, k, t, dtype_of(xd), True, key_cfg)[3]
+            full = {key: kw[key] for key in ("ORD", "num_warps", "BN", "BB", "TG")}
         row = dict(type=qname, n_out=n, k_in=k, T=t, x=xd, label=label, req=cfg, cfg=full, weight_MB=wb / 1e6)
         try:
             if not args.no_check and ((cfg is None and (t == 1 or (n, k) == shapes[args.token_shapes[0]]))
@@ -399,7 +428,7 @@ def report(rows: list[dict], head: str, xd0: str) -> str:
         lines.append(
             f"| {key[0]} | {key[1]}x{key[2]} | {key[3]} | {key[4]} | {r['weight_MB']:.1f} | {r['us']:.1f} | "
             f"{r['GBps']:.0f} | {r['pct_hbm']:.0f} | {r.get('do_bench_us', float('nan')):.1f} | {bst['us']:.1f} | {bst['GBps']:.0f} | {bst['pct_hbm']:.0f} | "
-            f"{bst['label']} o{c['ORD']} w{c['num_warps']} BN{c['BN']} BB{c['BB']} TG{c['TG']} | {r['cublas_us']:.1f} | "
+            f"{bst['label']} {' '.join(f'{k}{v}' for k, v in c.items())} | {r['cublas_us']:.1f} | "
             f"{r['cublas_GBps']:.0f} | {bst['speedup']:.2f} | {r.get('rel_err', float('nan')):.1e} |")
     # per type and T: each configuration's time relative to the best one, geometric mean over shapes
     lines += ["", "| type | T | config (overrides) | geomean time / best, over shapes | shapes |", "|---|---|---|---|---|"]

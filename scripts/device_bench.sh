@@ -37,9 +37,9 @@ sweep() {  # sweep LABEL SHAPE NP [extra flags]
 }
 
 for st in $STAGES; do case $st in
-  tests)
-    timeout 300 python3 -m pytest -q -m gpu -x tests/test_fused_kernels.py tests/test_decode_attention.py \
-        tests/test_dequant_kernel.py tests/test_models.py > "$OUT/gpu_tests.txt" 2>&1
+  tests)  # TESTS narrows the GPU test files
+    timeout 300 python3 -m pytest -q -m gpu ${TESTS:-tests/test_fused_kernels.py tests/test_decode_attention.py \
+        tests/test_dequant_kernel.py tests/test_gemv_q8.py tests/test_kernels.py tests/test_models.py} > "$OUT/gpu_tests.txt" 2>&1
     echo "gpu tests: $(tail -1 "$OUT/gpu_tests.txt")" | tee -a "$SUM" ;;
   bench8)  for np in $NPS; do sweep kernels qwen3-8b "$np"; done ;;
   base8)   sweep torch-bf16 qwen3-8b 1 --dense-weights --no-fused-ops ;;
@@ -58,6 +58,12 @@ for st in $STAGES; do case $st in
   dqbench)
     timeout 200 python3 scripts/bench_kernels.py --dequant --out "$OUT" > "$OUT/dqbench.txt" 2>&1
     tail -40 "$OUT/dqbench.txt" | tee -a "$SUM" ;;
+  q8bench)  # the int8-x GEMV on the decode shapes of qwen3-32b and qwen3-8b (Q4_K), old kernel beside
+    SH="10240x5120 51200x5120 5120x25600 5120x8192 6144x4096 24576x4096 4096x12288 4096x4096"
+    timeout 250 python3 scripts/bench_kernels.py --q8 --types Q4_K --shapes $SH ${Q8SWEEP:-} --out "$OUT/q8" > "$OUT/q8bench.txt" 2>&1
+    grep -E "^\| Q4_K \| [0-9]+x|rror" "$OUT/q8bench.txt" | tee -a "$SUM"
+    [ "${Q8OLD:-1}" = 1 ] && timeout 200 python3 scripts/bench_kernels.py --types Q4_K --shapes $SH --out "$OUT/f" > "$OUT/fbench.txt" 2>&1 &&
+    grep -E "^\| Q4_K \| [0-9]+x|rror" "$OUT/fbench.txt" | tee -a "$SUM" ;;
   kbench)
     timeout 200 python3 scripts/bench_attention.py > "$OUT/bench_attention.txt" 2>&1
     tail -20 "$OUT/bench_attention.txt" | tee -a "$SUM" ;;

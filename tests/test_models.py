@@ -156,3 +156,29 @@ def test_cuda_chunked_prefill_equals_one_shot(shape, tiny_models, dtype):
     else:  # bf16 weights and activations: a loose bound, far below what a wrong mask gives
         err = (got - want).abs().max(dim=-1).values / want.abs().max(dim=-1).values
         assert err.max().item() < 0.1, err.max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_int8_gemv_error_within_bf16s(tmp_path, monkeypatch):
+    """A bf16 model's decode runs its Q4_K matrices through gemv_q8 (x rounded to int8): its
+    logits stay about as close to the float32 reference as with the exact float GEMV."""
+    from tpruntime import qweight
+    from tpruntime.synthetic import write_model
+    path = str(write_model(tmp_path / "q4k.gguf", "tiny-qwen3", qtype="Q4_K", seed=4, target_std=0.05))
+    ref = load_model(path, n_ctx=300, device="cuda", dtype="f32", progress=False, dense_weights=True,
+                     fused_ops=False, cuda_graphs=False)
+    g = torch.Generator().manual_seed(6)
+    prompt = torch.randint(0, ref.cfg.n_vocab, (40,), generator=g).tolist()
+    steps = torch.randint(0, ref.cfg.n_vocab, (16,), generator=g).tolist()
+    want = _prefill_then_decode(ref, prompt, steps)[len(prompt):]
+
+    def err(int8: bool, **kw) -> float:
+        monkeypatch.setattr(qweight, "INT8_ACTIVATIONS", int8)
+        lm = load_model(path, n_ctx=300, device="cuda", dtype="bf16", progress=False, **kw)
+        got = _prefill_then_decode(lm, prompt, steps)[len(prompt):].float()
+        return ((got - want).abs().max(dim=-1).values / want.abs().max(dim=-1).values).max().item()
+
+    e_q8, e_float = err(True), err(False)
+    e_torch = err(False, dense_weights=True, fused_ops=False, cuda_graphs=False)
+    assert e_q8 < 2 * e_float + 1e-3, (e_q8, e_float, e_torch)

@@ -2,9 +2,9 @@
 
 Decode reads every weight byte once per token, so its speed is the stored size: a Q4_K matrix
 is 3.6x fewer bytes than its bf16 dequantization. A few tokens go through the quantized GEMV
-kernels (tpruntime.kernels.gemv); a prefill batch dequantizes the matrix a slice at a time into
-a scratch buffer and runs the tensor-core matmul there, where the math, not the bytes, is the
-cost (dequantizing is a few percent of a ub=512 matmul's time and no memory stays behind).
+kernels (tpruntime.kernels.gemv; gemv_q8 for one token of 16-bit activations); a prefill batch
+dequantizes the matrix a slice at a time into a scratch buffer and runs the tensor-core matmul
+there, where the math, not the bytes, is the cost (dequantizing is a few percent of a ub=512 matmul's time and no memory stays behind).
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ GEMV_MAX_TOKENS = 8
 # Elements dequantized at once for a prefill matmul: bounds the scratch at 128 MiB of bf16
 # whatever the weight (a 152k-row vocabulary head would otherwise need 1.5 GB).
 SCRATCH_ELEMENTS = 1 << 26
+
+# One token of 16-bit activations goes through the int8-x kernel (kernels/gemv_q8.py) where
+# it reads the type; tests switch it off to compare with the exact float kernel.
+INT8_ACTIVATIONS = True
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -62,9 +66,15 @@ class QuantWeight:
         """x [T, k_in] -> float32 [T, n_out]."""
         from .kernels.dequant import dequantize_rows
         from .kernels.gemv import qgemv
+        from .kernels.gemv_q8 import SUPPORTED as Q8_TYPES
+        from .kernels.gemv_q8 import X_DTYPES, qgemv_q8
 
         if self.n_out == 0 or self.k_in == 0:  # an empty slice adds nothing, as with F.linear
             return x.new_zeros(x.shape[0], self.n_out, dtype=torch.float32)
+        if INT8_ACTIVATIONS and x.shape[0] == 1 and x.dtype in X_DTYPES and self.qtype in Q8_TYPES:
+            # 16-bit activations meet the weights in integer dot products (x rounded to int8,
+            # as llama.cpp does); a float32 model keeps the exact float kernel.
+            return qgemv_q8(x, self.raw, self.qtype, self.n_out, self.k_in)
         if x.shape[0] <= GEMV_MAX_TOKENS:
             return qgemv(x, self.raw, self.qtype, self.n_out, self.k_in)
         x = x.to(self.dtype)

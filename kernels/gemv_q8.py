@@ -1,0 +1,242 @@
+"""Decode matrix-vector products on integer dot products: x quantized to 8 bits (Triton).
+
+    y[n] = sum_k x[k] * W[n, k],  x: one token, bf16/f16; W: Q4_K blocks as stored in the file
+
+Why a second GEMV beside kernels/gemv.py: that kernel turns every 4-bit quant into a float and
+spends ~3 instructions per weight on the way (unpack, convert, FMA). An H200 streams a byte in
+the time of ~8 thread-instructions, so at 2 weights per byte it is bound by instruction issue
+at ~50% of HBM bandwidth (measured: 8.5 of 9.5 ms of a qwen3-32b decode step). Here x is
+first rounded to int8 with one scale per 32 values (what llama.cpp's MMVQ kernels do with its
+q8_1 blocks), so eight 4-bit weights meet their eight x values in two `dp4a` instructions (four
+byte products each, integer accumulate) after two mask operations: ~0.6 instruction per weight,
+and the block's scales are applied once per 16 products.
+
+    sum_j w_j x_j = d_w sc_s * d_x * sum_j q_j xq_j  -  dmin_w m_s * sum_j x_j
+
+The second sum is taken over the unrounded x (kept per 16 values), so only the first term sees
+the rounding of x: a relative error of a few 1e-3 on a row, the size of bf16's own rounding of
+the activations. A float32 model therefore keeps the exact kernel (tpruntime/qweight.py picks).
+
+Layout: a thread loads 16 consecutive quant bytes (4 words: one 16-byte load) of one block,
+i.e. values 64g + 16c + [0, 16) of sub-block 2g (low nibbles) and of sub-block 2g + 1 (high
+nibbles), and the matching 2 x 16 int8 x values; the tile is [BB blocks, 4 g, 2 c, 4 words], so
+a warp covers 4 blocks per step and BB = 4 * num_warps. BN rows are unrolled in the thread and
+share the x loads. A split-K grid axis adds programs where a matrix has few rows (the FFN down
+projection), summing its partial rows with atomics.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as Q
+
+SUPPORTED = frozenset({Q.Q4_K})
+X_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _quantize_x_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, n_groups, y_ptr, N, BG: tl.constexpr, MASK: tl.constexpr,
+                       ZB: tl.constexpr):
+    """x [K] -> xq int8 [K], xd f32 [K / 32] (xq * xd ~ x), xs f32 [K / 16] (sums of x); with
+    ZB > 0 it also zeroes y [N] (ZB values per program) for the split-K atomics, which saves the
+    GEMV a memset launch."""
+    if ZB > 0:
+        zi = tl.program_id(0) * ZB + tl.arange(0, ZB)
+        tl.store(y_ptr + zi, tl.zeros([ZB], tl.float32), mask=zi < N)
+    g = tl.program_id(0) * BG + tl.arange(0, BG)[:, None]
+    j = tl.arange(0, 32)[None, :]
+    m = g < n_groups
+    if MASK:
+        x = tl.load(x_ptr + g * 32 + j, mask=m, other=0).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + g * 32 + j).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
+    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    v = x * inv
+    q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)  # to nearest, ties away from zero
+    s = tl.sum(tl.reshape(x, [BG, 2, 16]), axis=2)
+    h = tl.arange(0, 2)[None, :]
+    if MASK:
+        tl.store(xq_ptr + g * 32 + j, q.to(tl.int8), mask=m)
+        tl.store(xd_ptr + g, amax / 127.0, mask=m)
+        tl.store(xs_ptr + 2 * g + h, s, mask=m)
+    else:
+        tl.store(xq_ptr + g * 32 + j, q.to(tl.int8))
+        tl.store(xd_ptr + g, amax / 127.0)
+        tl.store(xs_ptr + 2 * g + h, s)
+
+
+@triton.jit
+def _dp4a(a, b, ASM: tl.constexpr):
+    """Per element: sum of the four products of a's unsigned bytes and b's signed bytes."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    s = ((a & 0xFF) * ((b << 24) >> 24) + ((a >> 8) & 0xFF) * ((b << 16) >> 24)
+         + ((a >> 16) & 0xFF) * ((b << 8) >> 24) + ((a >> 24) & 0xFF) * (b >> 24))
+    return s
+
+
+@triton.jit
+def _ld(ptr, mask, MASK: tl.constexpr):
+    if MASK:
+        return tl.load(ptr, mask=mask, other=0)
+    return tl.load(ptr)
+
+
+@triton.jit
+def _load_step(xw, xd_ptr, xs_ptr, w_ptr, rows, k0, kb1, bi, gi, ci, wi, BN: tl.constexpr, MASK: tl.constexpr):
+    """Everything one K step reads: x (int8 words of the low / high sub-block, per-32 scales,
+    per-16 sums), then per row the block header words and this thread's 16 quant bytes."""
+    kb = k0 + bi
+    m = kb < kb1
+    xo = kb * 64 + 16 * gi + 4 * ci + wi
+    so = kb * 8 + 2 * gi
+    xo16 = kb * 16 + 4 * gi + ci
+    out = (_ld(xw + xo, m, MASK), _ld(xw + (xo + 8), m, MASK), _ld(xd_ptr + so, m, MASK),
+           _ld(xd_ptr + (so + 1), m, MASK), _ld(xs_ptr + xo16, m, MASK), _ld(xs_ptr + (xo16 + 2), m, MASK))
+    for r in tl.static_range(BN):
+        blk = rows[r] + kb * 144
+        hp = (w_ptr + blk).to(tl.pointer_type(tl.int32))
+        qp = (w_ptr + blk + 16 + 32 * gi + 16 * ci).to(tl.pointer_type(tl.int32)) + wi
+        out = out + (_ld(hp, m, MASK), _ld(hp + 1, m, MASK), _ld(hp + 2, m, MASK), _ld(hp + 3, m, MASK),
+                     _ld(qp, m, MASK))
+    return out
+
+
+@triton.jit
+def _q4k_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, y_ptr, N, NB, row_bytes,
+                BN: tl.constexpr, BB: tl.constexpr, SPLIT_K: tl.constexpr, MASK: tl.constexpr,
+                I64: tl.constexpr, ASM: tl.constexpr):
+    pid = tl.program_id(0)
+    bi = tl.arange(0, BB)[:, None, None, None]
+    gi = tl.arange(0, 4)[None, :, None, None]
+    ci = tl.arange(0, 2)[None, None, :, None]
+    wi = tl.arange(0, 4)[None, None, None, :]
+    rows = ()
+    for r in tl.static_range(BN):
+        row = tl.minimum(pid * BN + r, N - 1)  # tail rows redo the last one; the store drops them
+        if I64:
+            row = row.to(tl.int64)
+        rows = rows + (row * row_bytes,)
+    kb0 = 0
+    kb1 = NB
+    if SPLIT_K > 1:
+        kb0 = tl.program_id(1) * NB // SPLIT_K
+        kb1 = (tl.program_id(1) + 1) * NB // SPLIT_K
+    xw = xq_ptr.to(tl.pointer_type(tl.int32))
+    # Low 6 bits of byte (2 * (g % 2) + h) of a scale word: sub-block 2g + h's scale (min).
+    sh = (gi % 2) * 16
+    acc = ()
+    for r in tl.static_range(BN):
+        acc = acc + (tl.zeros([BB, 4, 2, 1], tl.float32),)
+    # Software pipelining by hand: the loads of step k + 1 are issued before the math of step k,
+    # so a warp keeps its next bytes in flight while it computes (Triton pipelines only loads
+    # that feed tl.dot; these feed registers). The step past the end loads nothing (masked).
+    cur = _load_step(xw, xd_ptr, xs_ptr, w_ptr, rows, kb0, kb1, bi, gi, ci, wi, BN, MASK)
+    for k0 in range(kb0, kb1, BB):
+        nxt = _load_step(xw, xd_ptr, xs_ptr, w_ptr, rows, k0 + BB, kb1, bi, gi, ci, wi, BN, True)
+        x_lo, x_hi, dx_lo, dx_hi, s_lo, s_hi = cur[0], cur[1], cur[2], cur[3], cur[4], cur[5]
+        new = ()
+        for r in tl.static_range(BN):
+            h0, h1, h2, h3, qw = cur[6 + 5 * r], cur[7 + 5 * r], cur[8 + 5 * r], cur[9 + 5 * r], cur[10 + 5 * r]
+            d = (h0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            dmin = (h0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            sc = tl.where(gi < 2, h1, (h3 & 0x0F0F0F0F) | ((h1 >> 2) & -0x0F0F0F10))
+            mn = tl.where(gi < 2, h2, ((h3 >> 4) & 0x0F0F0F0F) | ((h2 >> 2) & -0x0F0F0F10))
+            p_lo = tl.sum(_dp4a(qw & 0x0F0F0F0F, x_lo, ASM), axis=3, keep_dims=True).to(tl.float32)
+            p_hi = tl.sum(_dp4a((qw >> 4) & 0x0F0F0F0F, x_hi, ASM), axis=3, keep_dims=True).to(tl.float32)
+            a_lo = d * ((sc >> sh) & 63).to(tl.float32)
+            a_hi = d * ((sc >> (sh + 8)) & 63).to(tl.float32)
+            b_lo = dmin * ((mn >> sh) & 63).to(tl.float32)
+            b_hi = dmin * ((mn >> (sh + 8)) & 63).to(tl.float32)
+            new = new + (acc[r] + (a_lo * dx_lo * p_lo + a_hi * dx_hi * p_hi - b_lo * s_lo - b_hi * s_hi),)
+        acc = new
+        cur = nxt
+    for r in tl.static_range(BN):
+        n = pid * BN + r
+        if n < N:
+            out = tl.sum(tl.sum(tl.sum(tl.sum(acc[r], axis=3), axis=2), axis=1), axis=0)
+            if SPLIT_K > 1:
+                tl.atomic_add(y_ptr + n, out, sem="relaxed")
+            else:
+                tl.store(y_ptr + n, out)
+
+
+def default_config(qtype: Q, n_out: int, k_in: int) -> dict:
+    """BN rows per program, warps (BB = 4 * REP blocks per warp), and a split of K that gives a
+    matrix with few rows more programs. From an H200 sweep over the qwen3-8b / qwen3-32b decode
+    shapes (scripts/bench_kernels.py --q8 --sweep): within 1-10% of the best per shape."""
+    nb = k_in // GGML_QUANT_SIZES[qtype][0]
+    cfg = dict(BN=4, num_warps=1, SPLIT_K=1, REP=2)
+    if n_out <= 4096 and nb >= 16:
+        cfg.update(SPLIT_K=2, REP=1)
+    return cfg
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(qtype: Q, n_out: int, k_in: int, asm: bool, config: tuple) -> tuple:
+    if qtype not in SUPPORTED:
+        raise ValueError(f"qgemv_q8: {qtype.name} is not supported ({', '.join(t.name for t in SUPPORTED)})")
+    block, ts = GGML_QUANT_SIZES[qtype]
+    if k_in % block:
+        raise ValueError(f"qgemv_q8: k_in {k_in} is not a multiple of the {qtype.name} block size {block}")
+    cfg = default_config(qtype, n_out, k_in)
+    if set(dict(config)) - set(cfg):
+        raise ValueError(f"qgemv_q8: unknown config keys {sorted(set(dict(config)) - set(cfg))}")
+    cfg.update(config)
+    nb = k_in // block
+    bb = 4 * cfg["num_warps"] * cfg["REP"]  # REP blocks per thread and step: loads in flight
+    split = max(1, min(cfg["SPLIT_K"], nb))
+    kw = dict(BN=cfg["BN"], BB=bb, SPLIT_K=split, MASK=split > 1 or nb % bb != 0,
+              I64=n_out * nb * ts >= 2**31, ASM=asm, num_warps=cfg["num_warps"], num_stages=1)
+    return (triton.cdiv(n_out, cfg["BN"]), split), nb, nb * ts, kw
+
+
+def quantize_x(x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [K] (K a multiple of 32) -> (int8 [K], f32 scales [K/32], f32 sums of 16 [K/16]);
+    zeroes y (float32) on the way when given."""
+    k = x.numel()
+    n_groups = k // 32
+    xq = torch.empty(k, dtype=torch.int8, device=x.device)
+    xd = torch.empty(n_groups, dtype=torch.float32, device=x.device)
+    xs = torch.empty(2 * n_groups, dtype=torch.float32, device=x.device)
+    bg = 16
+    grid = triton.cdiv(n_groups, bg)
+    n = 0 if y is None else y.numel()
+    zb = triton.next_power_of_2(triton.cdiv(n, grid)) if n else 0
+    _quantize_x_kernel[(grid,)](x, xq, xd, xs, n_groups, xd if y is None else y, n, BG=bg,
+                                MASK=n_groups % bg != 0, ZB=zb, num_warps=4)
+    return xq, xd, xs
+
+
+def qgemv_q8(x: torch.Tensor, w_raw: torch.Tensor, qtype, n_out: int, k_in: int, *,
+             config: dict | None = None) -> torch.Tensor:
+    """One token x [k_in] or [1, k_in] (bf16/f16) times the GGUF matrix w_raw (uint8 [n_out,
+    row_bytes]) transposed: float32 [1, n_out] (or [n_out])."""
+    if x.shape[-1] != k_in or x.numel() != k_in:
+        raise ValueError(f"qgemv_q8: x {tuple(x.shape)} is not one token of k_in = {k_in}")
+    if x.dtype not in X_DTYPES:
+        raise ValueError(f"qgemv_q8: x dtype {x.dtype} is not one of {X_DTYPES}")
+    grid, nb, row_bytes, kw = _plan(Q(qtype), n_out, k_in, x.is_cuda and not _interpreting(),
+                                    tuple(sorted(config.items())) if config else ())
+    if w_raw.dtype != torch.uint8 or w_raw.numel() != n_out * row_bytes:
+        raise ValueError(f"qgemv_q8: w_raw must be uint8 with {n_out * row_bytes} bytes ({n_out} rows of {row_bytes})")
+    y = torch.empty(n_out, dtype=torch.float32, device=x.device)
+    xq, xd, xs = quantize_x(x.reshape(k_in).contiguous(), y if grid[1] > 1 else None)
+    if n_out:
+        _q4k_kernel[grid](xq, xd, xs, w_raw, y, n_out, nb, row_bytes, **kw)
+    return y.reshape(*x.shape[:-1], n_out)
+
+
+__all__ = ["SUPPORTED", "X_DTYPES", "qgemv_q8", "quantize_x", "default_config"]
