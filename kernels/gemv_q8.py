@@ -37,7 +37,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 SUPPORTED = frozenset({Q.Q4_K})
-X_DTYPES = (torch.bfloat16, torch.float16)
+X_DTYPES = (torch.bfloat16, torch.float16)  # the model dtypes that take this kernel (x may be f32 too)
 
 
 @triton.jit
@@ -222,12 +222,12 @@ def quantize_x(x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Te
 
 def qgemv_q8(x: torch.Tensor, w_raw: torch.Tensor, qtype, n_out: int, k_in: int, *,
              config: dict | None = None) -> torch.Tensor:
-    """One token x [k_in] or [1, k_in] (bf16/f16) times the GGUF matrix w_raw (uint8 [n_out,
+    """One token x [k_in] or [1, k_in] (bf16/f16/f32) times the GGUF matrix w_raw (uint8 [n_out,
     row_bytes]) transposed: float32 [1, n_out] (or [n_out])."""
     if x.shape[-1] != k_in or x.numel() != k_in:
         raise ValueError(f"qgemv_q8: x {tuple(x.shape)} is not one token of k_in = {k_in}")
-    if x.dtype not in X_DTYPES:
-        raise ValueError(f"qgemv_q8: x dtype {x.dtype} is not one of {X_DTYPES}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"qgemv_q8: x dtype {x.dtype} is not a float type")
     grid, nb, row_bytes, kw = _plan(Q(qtype), n_out, k_in, x.is_cuda and not _interpreting(),
                                     tuple(sorted(config.items())) if config else ())
     if w_raw.dtype != torch.uint8 or w_raw.numel() != n_out * row_bytes:

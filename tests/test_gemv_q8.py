@@ -68,13 +68,14 @@ def test_quantize_x_matches_torch():
     assert torch.allclose(xs.cpu(), x.float().reshape(-1, 16).sum(dim=1), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("n_out,n_blocks,config", [
     (8, 1, None), (13, 3, None), (9, 20, dict(BN=2, num_warps=2)), (6, 5, dict(SPLIT_K=2)),
     (5, 9, dict(SPLIT_K=3, BN=8)), (7, 11, dict(REP=2, BN=2))])
-def test_matches_emulation_and_float(n_out, n_blocks, config):
+def test_matches_emulation_and_float(n_out, n_blocks, config, dtype):
     """Tail rows (BN not dividing n_out), masked tails of blocks, split-K partial sums."""
     k_in = 256 * n_blocks
-    x, raw = case(n_out, k_in, seed=n_out * 7 + n_blocks)
+    x, raw = case(n_out, k_in, seed=n_out * 7 + n_blocks, dtype=dtype)
     w = torch.from_numpy(raw).reshape(n_out, -1)
     out = qgemv_q8(x.to(DEV).reshape(1, -1), w.to(DEV), Q.Q4_K, n_out, k_in, config=config)
     assert out.shape == (1, n_out) and out.dtype == torch.float32
@@ -89,7 +90,7 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="one token"):
         qgemv_q8(torch.zeros(2, 256, dtype=torch.bfloat16, device=DEV), w, Q.Q4_K, 4, 256)
     with pytest.raises(ValueError, match="dtype"):
-        qgemv_q8(torch.zeros(256, device=DEV), w, Q.Q4_K, 4, 256)
+        qgemv_q8(torch.zeros(256, dtype=torch.int32, device=DEV), w, Q.Q4_K, 4, 256)
     with pytest.raises(ValueError, match="not supported"):
         qgemv_q8(x.to(DEV), w, Q.Q6_K, 4, 256)
     with pytest.raises(ValueError, match="bytes"):

@@ -71,9 +71,10 @@ class QuantWeight:
 
         if self.n_out == 0 or self.k_in == 0:  # an empty slice adds nothing, as with F.linear
             return x.new_zeros(x.shape[0], self.n_out, dtype=torch.float32)
-        if INT8_ACTIVATIONS and x.shape[0] == 1 and x.dtype in X_DTYPES and self.qtype in Q8_TYPES:
-            # 16-bit activations meet the weights in integer dot products (x rounded to int8,
-            # as llama.cpp does); a float32 model keeps the exact float kernel.
+        if INT8_ACTIVATIONS and x.shape[0] == 1 and self.dtype in X_DTYPES and self.qtype in Q8_TYPES:
+            # A 16-bit model's token meets the weights in integer dot products (x rounded to
+            # int8, as llama.cpp does; also where x arrives in float32, as the attention output
+            # does); a float32 model keeps the exact float kernel.
             return qgemv_q8(x, self.raw, self.qtype, self.n_out, self.k_in)
         if x.shape[0] <= GEMV_MAX_TOKENS:
             return qgemv(x, self.raw, self.qtype, self.n_out, self.k_in)
