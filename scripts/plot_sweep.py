@@ -2,6 +2,8 @@
 
     tpruntime sweep-bench ... --output json > a.json   (one file per run)
     python scripts/plot_sweep.py a.json b.json -o sweep.png [--labels "TP 1" "TP 2"]
+
+A run may also be the markdown table that sweep-bench (or llama-sweep-bench) prints, as is.
 """
 
 from __future__ import annotations
@@ -9,6 +11,29 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+
+COLUMNS = ("PP", "TG", "N_KV", "T_PP", "S_PP", "T_TG", "S_TG")
+
+
+def load_rows(path: str) -> list[dict]:
+    """The rows of a --output json file, or of the markdown table lines in any text file."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)["rows"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        pass
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.lstrip().startswith("|") and len(cells) == len(COLUMNS):
+            try:
+                rows.append(dict(zip(COLUMNS, (float(c) for c in cells))))
+            except ValueError:  # the header and the separator line
+                continue
+    if not rows:
+        raise SystemExit(f"error: {path}: no sweep-bench rows (neither --output json nor a markdown table)")
+    return rows
 
 
 def main() -> None:
@@ -31,7 +56,7 @@ def main() -> None:
 
     fig, (ax_pp, ax_tg) = plt.subplots(1, 2, figsize=(12, 4.5))
     for path, label in zip(args.runs, labels):
-        rows = json.loads(Path(path).read_text())["rows"]
+        rows = load_rows(path)
         n_kv = [r["N_KV"] for r in rows]
         ax_pp.plot(n_kv, [r["S_PP"] for r in rows], marker="o", label=label)
         ax_tg.plot(n_kv, [r["S_TG"] for r in rows], marker="o", label=label)
