@@ -40,19 +40,11 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from tpruntime.kernels import QUANT_KERNEL_TYPES
+from tpruntime.kernels.common import masked_load
 from tpruntime.quants import dequantize
 
 SUPPORTED = QUANT_KERNEL_TYPES
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-# Its own copy of gemv's masked-or-not load: Triton's interpreter resolves a jit function's
-# callees by name in the caller's module once the callee's module has been interpreted.
-@triton.jit
-def _ld(ptr, mask, MASK: tl.constexpr):
-    if MASK:
-        return tl.load(ptr, mask=mask, other=0)
-    return tl.load(ptr)
 
 
 @triton.jit
@@ -72,13 +64,13 @@ def _q_float(q, OFFSET: tl.constexpr):
 
 @triton.jit
 def _f16(ptr, mask, MASK: tl.constexpr):
-    return _ld(ptr.to(tl.pointer_type(tl.float16)), mask, MASK).to(tl.float32)
+    return masked_load(ptr.to(tl.pointer_type(tl.float16)), mask, MASK).to(tl.float32)
 
 
 @triton.jit
 def _u16(ptr, mask, MASK: tl.constexpr):
     # 16 bits at an even byte offset, zero-extended
-    return _ld(ptr.to(tl.pointer_type(tl.uint16)), mask, MASK).to(tl.int32)
+    return masked_load(ptr.to(tl.pointer_type(tl.uint16)), mask, MASK).to(tl.int32)
 
 
 @triton.jit
@@ -140,11 +132,11 @@ def _kernel(w_ptr, out_ptr, n_blocks,
         g = ri // C
         j0 = V * (ri % C)
         QS: tl.constexpr = 48 if QT == 13 else 16
-        qs = _ld(src + (QS + 32 * g + j0) + ki, m, MASK).to(tl.int32)
+        qs = masked_load(src + (QS + 32 * g + j0) + ki, m, MASK).to(tl.int32)
         q_lo = qs & 15
         q_hi = qs >> 4
         if QT == 13:
-            qh = _ld(src + (16 + j0) + ki, m, MASK).to(tl.int32) >> (2 * g)
+            qh = masked_load(src + (16 + j0) + ki, m, MASK).to(tl.int32) >> (2 * g)
             q_lo = q_lo | ((qh & 1) << 4)
             q_hi = q_hi | ((qh & 2) << 3)
         w_d = _u16(src + (4 + 2 * (g % 2)), m, MASK)
@@ -166,23 +158,23 @@ def _kernel(w_ptr, out_ptr, n_blocks,
         C: tl.constexpr = 64 // V
         a = ri // C
         c = ri % C
-        ql = _ld(src + (64 * a + V * c) + ki, m, MASK).to(tl.int32)
-        qh = _ld(src + (128 + 32 * a + V * (c % (32 // V))) + ki, m, MASK).to(tl.int32)
+        ql = masked_load(src + (64 * a + V * c) + ki, m, MASK).to(tl.int32)
+        qh = masked_load(src + (128 + 32 * a + V * (c % (32 // V))) + ki, m, MASK).to(tl.int32)
         qh = qh >> (2 * (c // (32 // V)))
         q_lo = (ql & 15) | ((qh & 3) << 4)
         q_hi = (ql >> 4) | (qh & 0x30)
         scp = (src + (192 + 8 * a + c // (16 // V))).to(tl.pointer_type(tl.int8))
         d = _f16(src + 208, m, MASK)
-        lo = _q_float(q_lo, 32) * (d * _ld(scp, m, MASK).to(tl.float32))
-        hi = _q_float(q_hi, 32) * (d * _ld(scp + 4, m, MASK).to(tl.float32))
+        lo = _q_float(q_lo, 32) * (d * masked_load(scp, m, MASK).to(tl.float32))
+        hi = _q_float(q_hi, 32) * (d * masked_load(scp + 4, m, MASK).to(tl.float32))
         e_lo = 128 * a + V * c
         HALF: tl.constexpr = 64
     elif QT == 8:
         # Q8_0 34 B: d f16 | 32 int8, as halves of 16. b ^ 0x80 = q + 128.
         j0 = V * ri
         d = _f16(src, m, MASK)
-        lo = _q_float(_ld(src + (2 + j0) + ki, m, MASK).to(tl.int32) ^ 0x80, 128) * d
-        hi = _q_float(_ld(src + (18 + j0) + ki, m, MASK).to(tl.int32) ^ 0x80, 128) * d
+        lo = _q_float(masked_load(src + (2 + j0) + ki, m, MASK).to(tl.int32) ^ 0x80, 128) * d
+        hi = _q_float(masked_load(src + (18 + j0) + ki, m, MASK).to(tl.int32) ^ 0x80, 128) * d
         e_lo = j0
         HALF: tl.constexpr = 16
     else:
@@ -190,7 +182,7 @@ def _kernel(w_ptr, out_ptr, n_blocks,
         # qs[j], plus (Q5_0) 16 * bit 16h + j of the little-endian qh word; minus 8 (16), times d.
         j0 = V * ri
         QS: tl.constexpr = 6 if QT == 6 else 2
-        qs = _ld(src + (QS + j0) + ki, m, MASK).to(tl.int32)
+        qs = masked_load(src + (QS + j0) + ki, m, MASK).to(tl.int32)
         q_lo = qs & 15
         q_hi = qs >> 4
         d = _f16(src, m, MASK)

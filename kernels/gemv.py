@@ -32,6 +32,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from tpruntime.kernels import QUANT_KERNEL_TYPES
+from tpruntime.kernels.common import masked_load
 from tpruntime.quants import dequantize
 
 SUPPORTED = QUANT_KERNEL_TYPES
@@ -88,15 +89,8 @@ def _f_bits(v, BITS: tl.constexpr):
 
 
 @triton.jit
-def _ld(ptr, mask, MASK: tl.constexpr):
-    if MASK:
-        return tl.load(ptr, mask=mask, other=0)
-    return tl.load(ptr)
-
-
-@triton.jit
 def _f16(ptr, mask, MASK: tl.constexpr):
-    return _ld(ptr.to(tl.pointer_type(tl.float16)), mask, MASK).to(tl.float32)
+    return masked_load(ptr.to(tl.pointer_type(tl.float16)), mask, MASK).to(tl.float32)
 
 
 # Decoders. Tiles are 4-D: BB blocks, G groups of J = C * V values in each half block, V values
@@ -123,10 +117,10 @@ def _dec_q45_k(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr, Q5:
     # with qh 32 B before qs. Value 64g + 32h + j (sub-block 2g + h) is nibble h of qs[32g + j]
     # (Q5_K: plus 16 * bit 2g+h of qh[j]); weight = d*sc*q - dmin*mn.
     hp = (w_ptr + blk).to(tl.pointer_type(tl.int32))
-    h0 = _ld(hp, m, MASK)
-    h1 = _ld(hp + 1, m, MASK)
-    h2 = _ld(hp + 2, m, MASK)
-    h3 = _ld(hp + 3, m, MASK)
+    h0 = masked_load(hp, m, MASK)
+    h1 = masked_load(hp + 1, m, MASK)
+    h2 = masked_load(hp + 2, m, MASK)
+    h3 = masked_load(hp + 3, m, MASK)
     d = (h0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = (h0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     # Low 6 bits of byte i of these words: scale (min) of sub-block i for g < 2, of 4 + i after
@@ -135,10 +129,10 @@ def _dec_q45_k(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr, Q5:
     mn = tl.where(gi < 2, h2, ((h3 >> 4) & 0x0F0F0F0F) | ((h2 >> 2) & -0x0F0F0F10))
     sh = (gi % 2) * 16
     QS: tl.constexpr = 48 if Q5 else 16
-    q = _ld(w_ptr + blk + (QS + 32 * gi + jj), m, MASK)
+    q = masked_load(w_ptr + blk + (QS + 32 * gi + jj), m, MASK)
     if Q5:
         # read once per g (from L1) so that the tile has the qs tile's shape, hence its layout
-        qh = _ld(w_ptr + blk + (16 + 0 * gi + jj), m, MASK)
+        qh = masked_load(w_ptr + blk + (16 + 0 * gi + jj), m, MASK)
         if ASM:
             s = tl.broadcast_to(2 * gi, q.shape)
             fl = tl.inline_asm_elementwise(_ASM_Q5K_LO, _C3, [q, qh, s], tl.float32, True, 4)
@@ -163,8 +157,8 @@ def _dec_q6_k(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr):
     # 210 B: ql 128 | qh 64 | 16 int8 scales | d f16. Value 128a + 64h + 32c + 16e + i is nibble
     # h of ql[64a + 32c + 16e + i] | (bits 2(2h + c) of qh[32a + 16e + i]) << 4, minus 32. The
     # groups are u = 4a + 2c + e (ql contiguous); the sub-block of 16 is u + 4 * (u // 4) + 4h.
-    ql = _ld(w_ptr + blk + (16 * gi + jj), m, MASK)
-    qh = _ld(w_ptr + blk + (128 + 32 * (gi // 4) + 16 * (gi % 2) + jj), m, MASK)
+    ql = masked_load(w_ptr + blk + (16 * gi + jj), m, MASK)
+    qh = masked_load(w_ptr + blk + (128 + 32 * (gi // 4) + 16 * (gi % 2) + jj), m, MASK)
     c2 = 2 * ((gi // 2) % 2)
     if ASM:
         s = tl.broadcast_to(c2, ql.shape)
@@ -177,16 +171,16 @@ def _dec_q6_k(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr):
         fh = _f_bits((qli >> 4) | (qhi & 0x30), 6)
     scp = (w_ptr + blk + (192 + gi + 4 * (gi // 4))).to(tl.pointer_type(tl.int8))
     d = 32.0 * _f16(w_ptr + blk + 208, m, MASK)
-    a_lo = d * _ld(scp, m, MASK).to(tl.float32)
-    a_hi = d * _ld(scp + 4, m, MASK).to(tl.float32)
+    a_lo = d * masked_load(scp, m, MASK).to(tl.float32)
+    a_hi = d * masked_load(scp + 4, m, MASK).to(tl.float32)
     return fl, fh, a_lo, a_hi, 3.0 * a_lo, 3.0 * a_hi
 
 
 @triton.jit
 def _dec_q8_0(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr):
     # 34 B: d f16 | 32 int8, as halves of 16.
-    lo = _ld(w_ptr + blk + (2 + jj), m, MASK)
-    hi = _ld(w_ptr + blk + (18 + jj), m, MASK)
+    lo = masked_load(w_ptr + blk + (2 + jj), m, MASK)
+    hi = masked_load(w_ptr + blk + (18 + jj), m, MASK)
     if ASM:
         fl = tl.inline_asm_elementwise(_ASM_Q8, _C1, [lo], tl.float32, True, 4) - 8388736.0
         fh = tl.inline_asm_elementwise(_ASM_Q8, _C1, [hi], tl.float32, True, 4) - 8388736.0
@@ -202,11 +196,11 @@ def _dec_q45_0(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr, Q5:
     # Q4_0 18 B: d f16 | qs 16 B. Q5_0 22 B: d | qh u32 | qs. Value j < 16 is the low nibble of
     # qs[j], 16 + j the high one; Q5_0 adds 16 * bit j (16 + j) of qh; minus 8 (16).
     QS: tl.constexpr = 6 if Q5 else 2
-    q = _ld(w_ptr + blk + (QS + jj), m, MASK)
+    q = masked_load(w_ptr + blk + (QS + jj), m, MASK)
     if Q5:
         hp = (w_ptr + blk + 2).to(tl.pointer_type(tl.int16))
-        qh = tl.broadcast_to((_ld(hp, m, MASK).to(tl.int32) & 0xFFFF) | (_ld(hp + 1, m, MASK).to(tl.int32) << 16),
-                             q.shape)
+        qh = tl.broadcast_to((masked_load(hp, m, MASK).to(tl.int32) & 0xFFFF)
+                             | (masked_load(hp + 1, m, MASK).to(tl.int32) << 16), q.shape)
         if ASM:
             j = tl.broadcast_to(jj, q.shape)
             fl = tl.inline_asm_elementwise(_ASM_Q50_LO, _C50, [q, qh, j], tl.float32, True, 4)
@@ -335,8 +329,8 @@ def _qgemv_kernel(x_ptr, w_ptr, y_ptr, T, N, NB, row_bytes, stride_x, n_iter,
             sxl = ()
             sxh = ()
             for t in tl.static_range(t0, t0 + TG):
-                xa = _ld(xs[t] + xo, m, MASK).to(tl.float32)
-                xb = _ld(xs[t] + (xo + XH), m, MASK).to(tl.float32)
+                xa = masked_load(xs[t] + xo, m, MASK).to(tl.float32)
+                xb = masked_load(xs[t] + (xo + XH), m, MASK).to(tl.float32)
                 if CHAIN:
                     xl = xl + _leaves(xa, D0, D1, D2, V, LV)
                     xh = xh + _leaves(xb, D0, D1, D2, V, LV)

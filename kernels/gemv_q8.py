@@ -36,6 +36,8 @@ import triton.language as tl
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
+from tpruntime.kernels.common import masked_load
+
 SUPPORTED = frozenset({Q.Q4_K})
 X_DTYPES = (torch.bfloat16, torch.float16)  # the model dtypes that take this kernel (x may be f32 too)
 
@@ -84,13 +86,6 @@ def _dp4a(a, b, ASM: tl.constexpr):
 
 
 @triton.jit
-def _ld(ptr, mask, MASK: tl.constexpr):
-    if MASK:
-        return tl.load(ptr, mask=mask, other=0)
-    return tl.load(ptr)
-
-
-@triton.jit
 def _load_step(xw, xd_ptr, xs_ptr, w_ptr, rows, k0, kb1, bi, gi, ci, wi, BN: tl.constexpr, MASK: tl.constexpr):
     """Everything one K step reads: x (int8 words of the low / high sub-block, per-32 scales,
     per-16 sums), then per row the block header words and this thread's 16 quant bytes."""
@@ -99,14 +94,15 @@ def _load_step(xw, xd_ptr, xs_ptr, w_ptr, rows, k0, kb1, bi, gi, ci, wi, BN: tl.
     xo = kb * 64 + 16 * gi + 4 * ci + wi
     so = kb * 8 + 2 * gi
     xo16 = kb * 16 + 4 * gi + ci
-    out = (_ld(xw + xo, m, MASK), _ld(xw + (xo + 8), m, MASK), _ld(xd_ptr + so, m, MASK),
-           _ld(xd_ptr + (so + 1), m, MASK), _ld(xs_ptr + xo16, m, MASK), _ld(xs_ptr + (xo16 + 2), m, MASK))
+    out = (masked_load(xw + xo, m, MASK), masked_load(xw + (xo + 8), m, MASK),
+           masked_load(xd_ptr + so, m, MASK), masked_load(xd_ptr + (so + 1), m, MASK),
+           masked_load(xs_ptr + xo16, m, MASK), masked_load(xs_ptr + (xo16 + 2), m, MASK))
     for r in tl.static_range(BN):
         blk = rows[r] + kb * 144
         hp = (w_ptr + blk).to(tl.pointer_type(tl.int32))
         qp = (w_ptr + blk + 16 + 32 * gi + 16 * ci).to(tl.pointer_type(tl.int32)) + wi
-        out = out + (_ld(hp, m, MASK), _ld(hp + 1, m, MASK), _ld(hp + 2, m, MASK), _ld(hp + 3, m, MASK),
-                     _ld(qp, m, MASK))
+        out = out + (masked_load(hp, m, MASK), masked_load(hp + 1, m, MASK), masked_load(hp + 2, m, MASK),
+                     masked_load(hp + 3, m, MASK), masked_load(qp, m, MASK))
     return out
 
 

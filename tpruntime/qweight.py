@@ -4,7 +4,8 @@ Decode reads every weight byte once per token, so its speed is the stored size: 
 is 3.6x fewer bytes than its bf16 dequantization. A few tokens go through the quantized GEMV
 kernels (tpruntime.kernels.gemv; gemv_q8 for one token of 16-bit activations); a prefill batch
 dequantizes the matrix a slice at a time into a scratch buffer and runs the tensor-core matmul
-there, where the math, not the bytes, is the cost (dequantizing is a few percent of a ub=512 matmul's time and no memory stays behind).
+there, where the math, not the bytes, is the cost (dequantizing is a few percent of a ub=512
+matmul's time and no memory stays behind).
 """
 
 from __future__ import annotations
