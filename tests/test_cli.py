@@ -92,6 +92,22 @@ def test_truncated_model(tmp_path, tiny_models):
     assert_one_line_error(tp("generate", "-m", p, "-p", "x"), "past the end of the file")
 
 
+@pytest.mark.parametrize("tensor", ["blk.1.ffn_down.weight", "token_embd.weight"])
+def test_nan_block_scale_is_one_line(tmp_path, tiny_models, tensor):
+    """A NaN f16 scale in one Q8_0 block of a matrix (or of the embedding rows) fails at load,
+    naming the tensor, instead of sampling from NaN logits."""
+    from tpruntime.gguf_file import GGUFFile
+    src = tiny_models["tiny-qwen3"]
+    gf = GGUFFile(src)
+    off = gf.tensors[tensor].offset + 34 * 5  # the d field of block 5 (Q8_0: 34-byte blocks)
+    blob = bytearray(src.read_bytes())
+    blob[off:off + 2] = b"\x00\x7e"  # f16 NaN
+    p = tmp_path / "nan.gguf"
+    p.write_bytes(bytes(blob))
+    assert_one_line_error(tp("generate", "-m", p, "-p", "hi", "-n", "1"), str(p), repr(tensor),
+                          "1 NaN or infinite Q8_0 block scale(s), the first in block 5")
+
+
 @pytest.mark.parametrize("extra,needles", [
     (("-n", -5), ["-n -5"]),
     (("-ub", 0), ["-ub 0"]),

@@ -10,7 +10,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from .errors import TpError
 from .gguf_file import GGUFFile, TensorInfo
 from .qweight import QuantWeight
-from .quants import dequantize
+from .quants import F16_FIELDS, dequantize
 
 
 def read_slice(gf: GGUFFile, info: TensorInfo, sl: tuple[int, range] | None) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -37,13 +37,34 @@ def read_slice(gf: GGUFFile, info: TensorInfo, sl: tuple[int, range] | None) -> 
     return data, tuple(shape)
 
 
+def check_block_scales(gf: GGUFFile, info: TensorInfo, raw: torch.Tensor) -> None:
+    """A NaN or infinite f16 scale (d, dmin) in one quant block poisons every token that
+    meets that row: fail at load with the tensor's name instead of sampling from NaN logits.
+    The fields are read from the bytes already on the device (2 bytes per block)."""
+    fields = F16_FIELDS.get(info.ggml_type)
+    if fields is None or raw.numel() == 0:
+        return
+    type_size = GGML_QUANT_SIZES[info.ggml_type][1]
+    blocks = raw.view(-1, type_size)
+    for off in fields:
+        if off is None:
+            continue
+        bad = ~torch.isfinite(blocks[:, off:off + 2].contiguous().view(torch.float16))
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise TpError(f"{gf.path}: tensor {info.name!r} has {int(bad.sum())} NaN or infinite "
+                          f"{info.ggml_type.name} block scale(s), the first in block {first} of this rank's slice")
+
+
 def _slice_to_device(gf: GGUFFile, name: str, sl: tuple[int, range] | None,
                      device: torch.device) -> tuple[TensorInfo, torch.Tensor, tuple[int, ...]]:
     """The stored bytes of a slice on the device (flat uint8), with the tensor's info and the
     slice's shape."""
     info = gf.tensor(name)
     data, shape = read_slice(gf, info, sl)
-    return info, torch.from_numpy(np.array(data).reshape(-1)).to(device), shape  # copy: the map is read-only
+    raw = torch.from_numpy(np.array(data).reshape(-1)).to(device)  # copy: the map is read-only
+    check_block_scales(gf, info, raw)
+    return info, raw, shape
 
 
 def load_tensor(gf: GGUFFile, name: str, sl: tuple[int, range] | None,
@@ -65,5 +86,6 @@ def load_quantized(gf: GGUFFile, name: str, sl: tuple[int, range] | None, device
 def load_raw_rows(gf: GGUFFile, name: str, device: torch.device) -> torch.Tensor:
     """A quantized tensor kept in its stored form, one byte row per torch row (for lookups)."""
     info = gf.tensor(name)
-    rows = gf.raw(info.name).reshape(-1, info.row_bytes)
-    return torch.from_numpy(np.array(rows)).to(device)
+    rows = torch.from_numpy(np.array(gf.raw(info.name).reshape(-1, info.row_bytes))).to(device)
+    check_block_scales(gf, info, rows.reshape(-1))
+    return rows
