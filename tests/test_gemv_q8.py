@@ -120,3 +120,24 @@ def test_split_k_zeroes_its_output():
     assert torch.equal(y.cpu(), torch.zeros(6))
     out = qgemv_q8(x.to(DEV), w, Q.Q4_K, 6, 1024, config=dict(SPLIT_K=2))
     assert rel(out, emulated(x, raw, 6, 1024)) < 1e-5
+
+
+@pytest.mark.parametrize("model_dtype,x_dtype,int8", [
+    (torch.bfloat16, torch.bfloat16, True), (torch.bfloat16, torch.float32, True),
+    (torch.float16, torch.float16, True), (torch.float32, torch.float32, False)])
+def test_quant_weight_takes_it_for_one_token_of_a_16_bit_model(monkeypatch, model_dtype, x_dtype, int8):
+    """QuantWeight's dispatch: a 16-bit model's single token (the float32 attention output too)
+    goes through gemv_q8; a float32 model's, and any batch, through the exact kernels."""
+    from tpruntime.kernels import gemv_q8
+    from tpruntime.qweight import QuantWeight
+    calls = []
+    real = gemv_q8.qgemv_q8
+    monkeypatch.setattr(gemv_q8, "qgemv_q8", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, raw = case(8, 512, seed=11, dtype=x_dtype)
+    w = QuantWeight(torch.from_numpy(raw).to(DEV), Q.Q4_K, 8, 512, model_dtype)
+    out = w(x.to(DEV).reshape(1, -1))
+    assert len(calls) == int(int8) and out.shape == (1, 8) and out.dtype == torch.float32
+    exact = dequantize(torch.from_numpy(raw), Q.Q4_K, (8, 512)).double() @ x.double()
+    assert rel(out[0], exact) < (2e-2 if int8 else 1e-5)
+    w(x.to(DEV).reshape(1, -1).expand(2, -1).contiguous())  # two tokens: the float kernel
+    assert len(calls) == int(int8)

@@ -85,3 +85,4 @@ def test_interpreted_kernels_on_a_rank_that_sits_layers_out(micro_models):
             outs.append(_run(m, prompt, [3]))
         scale = outs[1].abs().max().item()
         assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * max(scale, 1.0)
+
