@@ -3,6 +3,7 @@
 # sweep-bench table on synthetic qwen3-8b / qwen3-32b files (Q4_K weights, Q6_K output, gpt-2
 # vocabulary), the kernel path against the dequantized-bf16 torch path, and a decode profile.
 #   STAGES="tests bench8 base8 bench32 long32 profile" bash scripts/device_bench.sh
+# (also: pprof, dqbench, q8bench, kbench; allreduce on a multi-GPU kind)
 # (carry .whl and .dev/ggml-vocab-gpt-2.gguf). Logs under $OUT; the last lines are a summary.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -64,6 +65,10 @@ for st in $STAGES; do case $st in
     grep -E "^\| Q4_K \| [0-9]+x|rror" "$OUT/q8bench.txt" | tee -a "$SUM"
     [ "${Q8OLD:-1}" = 1 ] && timeout 200 python3 scripts/bench_kernels.py --types Q4_K --shapes $SH --out "$OUT/f" > "$OUT/fbench.txt" 2>&1 &&
     grep -E "^\| Q4_K \| [0-9]+x|rror" "$OUT/fbench.txt" | tee -a "$SUM" ;;
+  allreduce)  # issue 13's latency table (needs a multi-GPU kind): NCCL and torch's symm-mem one-shot
+    NP=${AR_NP:-2}; timeout 200 python3 -m torch.distributed.run --nproc-per-node "$NP" scripts/bench_allreduce.py \
+        --out "$OUT/ar" > "$OUT/allreduce.txt" 2>&1
+    grep -E "^\|" "$OUT/allreduce.txt" | tee -a "$SUM" ;;
   kbench)
     timeout 200 python3 scripts/bench_attention.py > "$OUT/bench_attention.txt" 2>&1
     tail -20 "$OUT/bench_attention.txt" | tee -a "$SUM" ;;

@@ -1,0 +1,142 @@
+"""All-reduce latency for decode-sized messages: the runtime's own path (tpruntime.comm's
+DistComm.all_reduce, NCCL on CUDA, gloo on the CPU) and, on CUDA, torch's symmetric-memory
+one-shot all-reduce (the library to beat, issue 13), per message size and reduce dtype.
+
+    torchrun --nproc-per-node 2 scripts/bench_allreduce.py [--sizes 4K 16K 64K 256K 1M]
+        [--reduce-type f32 bf16] [--iters 200] [--out DIR]
+
+On CUDA each case is timed as a CUDA graph of --iters back-to-back all-reduces (what a
+graph-captured decode step pays per collective, launch cost excluded); on the CPU as a plain
+loop (gloo: only a smoke test of the harness). Every result is checked against the exact sum
+first (rank r fills its buffer with r + 1 plus a ramp). Rank 0 prints a markdown table and
+writes allreduce.json / allreduce.md under --out (default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def parse_size(s: str) -> int:
+    """Bytes: 4096, 4K, 1M."""
+    mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1].upper(), 1)
+    return int(s[:-1] if mult > 1 else s) * mult
+
+
+def fill(n: int, rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # small integers: exact in every reduce dtype, so the check is exact
+    return ((torch.arange(n, device=device) % 7) + rank + 1).to(dtype)
+
+
+def expected(n: int, world: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return sum(fill(n, r, torch.float32, device) for r in range(world)).to(dtype)
+
+
+def time_per_call(fn, iters: int, device: torch.device) -> float:
+    """Seconds per fn() call: a replayed CUDA graph of `iters` calls, else a timed loop."""
+    for _ in range(3):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(iters):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(5):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            g.replay()
+            e1.record()
+            e1.synchronize()
+            best = min(best, e0.elapsed_time(e1) * 1e-3 / iters)
+        return best
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def symm_mem_one_shot(n: int, dtype: torch.dtype, device: torch.device, src: torch.Tensor):
+    """torch's one-shot all-reduce over a symmetric-memory buffer, or the reason it is not
+    available here."""
+    try:
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+        group = dist.group.WORLD
+        buf = symm_mem.empty(n, dtype=dtype, device=device)
+        symm_mem.rendezvous(buf, group.group_name)
+        buf.copy_(src)
+        out = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name)
+        return buf, lambda: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name), out
+    except Exception as e:  # reported in the table: an unsupported build, no P2P, ...
+        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["4K", "16K", "64K", "256K", "1M"], help="message bytes")
+    ap.add_argument("--reduce-type", nargs="+", default=["f32", "bf16"], choices=["f32", "f16", "bf16"])
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    from tpruntime.comm import REDUCE_DTYPES, DistComm
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # one process group for the run; the reduce dtype is an attribute of the comm object
+    comm = DistComm(device, reduce_type=args.reduce_type[0])
+    rows = []
+    for rt in args.reduce_type:
+        dtype = comm.reduce_dtype = REDUCE_DTYPES[rt]
+        for s in args.sizes:
+            nbytes = parse_size(s)
+            n = max(1, nbytes // dtype.itemsize)
+            x = fill(n, comm.rank, dtype, device)
+            want = expected(n, comm.world_size, dtype, device)
+            row = dict(size=s, bytes=n * dtype.itemsize, reduce=rt, ranks=comm.world_size, device=str(device))
+            got = comm.all_reduce(x)  # float32 out, as the runtime uses it
+            row["runtime_exact"] = bool(torch.equal(got.to(dtype), want))
+            row["runtime_us"] = 1e6 * time_per_call(lambda: comm.all_reduce(x), args.iters, device)
+            if device.type == "cuda":
+                buf, fn, res = symm_mem_one_shot(n, dtype, device, x)
+                if fn is None:
+                    row["symm_mem"] = res
+                else:
+                    row["symm_mem_exact"] = bool(torch.equal(res, want))
+                    row["symm_mem_us"] = 1e6 * time_per_call(fn, args.iters, device)
+            rows.append(row)
+            if comm.rank == 0:
+                print(json.dumps(row), flush=True)
+    if comm.rank == 0:
+        lines = [f"all-reduce, {comm.world_size} ranks, {device.type}; µs per call "
+                 f"({'CUDA-graph replay' if device.type == 'cuda' else 'eager loop'} of {args.iters})", "",
+                 "| bytes | reduce | runtime (NCCL/gloo) µs | exact | torch symm-mem one-shot µs | exact |",
+                 "|---|---|---|---|---|---|"]
+        for r in rows:
+            sm = (f"{r['symm_mem_us']:.1f} | {r['symm_mem_exact']}" if "symm_mem_us" in r
+                  else f"{r.get('symm_mem', 'not on CPU')} | –")
+            lines.append(f"| {r['bytes']} | {r['reduce']} | {r['runtime_us']:.1f} | {r['runtime_exact']} | {sm} |")
+        table = "\n".join(lines)
+        print("\n" + table)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "allreduce.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(os.path.join(args.out, "allreduce.md"), "w") as f:
+            f.write(table + "\n")
+    comm.barrier()
+    comm.close()
+
+
+if __name__ == "__main__":
+    main()
