@@ -20,8 +20,8 @@ the activations. A float32 model therefore keeps the exact kernel (tpruntime/qwe
 Layout: a thread loads 16 consecutive quant bytes (4 words: one 16-byte load) of one block,
 i.e. values 64g + 16c + [0, 16) of sub-block 2g (low nibbles) and of sub-block 2g + 1 (high
 nibbles), and the matching 2 x 16 int8 x values; the tile is [BB blocks, 4 g, 2 c, 4 words], so
-a warp covers 4 blocks per step and BB = 4 * num_warps. BN rows are unrolled in the thread and
-share the x loads. A split-K grid axis adds programs where a matrix has few rows (the FFN down
+a warp covers 4 blocks per step, each thread REP of them: BB = 4 * num_warps * REP. BN rows are
+unrolled in the thread and share the x loads. A split-K grid axis adds programs where a matrix has few rows (the FFN down
 projection), summing its partial rows with atomics.
 """
 
@@ -59,7 +59,8 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, n_groups, y_ptr, N, BG: tl
     else:
         x = tl.load(x_ptr + g * 32 + j).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
-    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    # (a group below 1e-30 counts as zeros: 127 / amax would overflow to inf and 0 * inf is NaN)
+    inv = tl.where(amax > 1e-30, 127.0 / amax, 0.0)
     v = x * inv
     q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)  # to nearest, ties away from zero
     s = tl.sum(tl.reshape(x, [BG, 2, 16]), axis=2)
@@ -228,8 +229,15 @@ def qgemv_q8(x: torch.Tensor, w_raw: torch.Tensor, qtype, n_out: int, k_in: int,
                                     tuple(sorted(config.items())) if config else ())
     if w_raw.dtype != torch.uint8 or w_raw.numel() != n_out * row_bytes:
         raise ValueError(f"qgemv_q8: w_raw must be uint8 with {n_out * row_bytes} bytes ({n_out} rows of {row_bytes})")
+    if k_in == 0:  # nothing to sum (and nothing the kernel could load)
+        return x.new_zeros(*x.shape[:-1], n_out, dtype=torch.float32)
     y = torch.empty(n_out, dtype=torch.float32, device=x.device)
-    xq, xd, xs = quantize_x(x.reshape(k_in).contiguous(), y if grid[1] > 1 else None)
+    # The quantize step zeroes y for split-K's atomics, unless that would give its programs
+    # huge tiles (a forced split of a matrix with many rows and few columns): then a memset.
+    zero_in_quantize = grid[1] > 1 and n_out <= 4096 * triton.cdiv(k_in // 32, 16)
+    if grid[1] > 1 and not zero_in_quantize:
+        y.zero_()
+    xq, xd, xs = quantize_x(x.reshape(k_in).contiguous(), y if zero_in_quantize else None)
     if n_out:
         _q4k_kernel[grid](xq, xd, xs, w_raw, y, n_out, nb, row_bytes, **kw)
     return y.reshape(*x.shape[:-1], n_out)

@@ -153,9 +153,10 @@ class Attention:
         # Grouped heads are broadcast by SDPA only in its flash and math kernels; with a
         # boolean mask on CUDA, copying the KV heads out lets the memory-efficient kernel take
         # it instead of the math one (which materializes every score in float32).
-        # (The bottom-right causal mask runs in flash attention, which broadcasts them, for
-        # 16-bit inputs; in float32 it runs in the memory-efficient kernel.)
-        flash = lower_right and q.dtype in (torch.float16, torch.bfloat16)
+        # (The bottom-right causal mask runs in flash attention, which broadcasts them, where
+        # flash can run: 16-bit inputs, equal q/k and v head sizes up to 256, sm80 or newer;
+        # otherwise in the memory-efficient kernel, which cannot.)
+        flash = lower_right and self._flash_ok(q)
         if self.n_head != self.n_head_kv and (not self.whole_groups or (mask is not None and x.is_cuda and not flash)):
             keys, values = keys[self.kv_of_q], values[self.kv_of_q]
         # 4-D: SDPA's fused CUDA kernels reject 3-D inputs and would fall back to the math one.
@@ -163,6 +164,10 @@ class Attention:
                                              is_causal=causal, scale=self.scale,
                                              enable_gqa=self.n_head != keys.shape[0])[0]
         return self.attn_output(out.transpose(0, 1).reshape(T, self.n_head * self.head_dim_v))
+
+    def _flash_ok(self, q: torch.Tensor) -> bool:
+        return (q.dtype in (torch.float16, torch.bfloat16) and self.head_dim == self.head_dim_v <= 256
+                and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 
 class GatedFFN:
