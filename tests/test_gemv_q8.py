@@ -117,7 +117,8 @@ def test_gpu_real_shapes(n_out, k_in):
     x, raw = case(n_out, k_in, seed=5)
     w = torch.from_numpy(raw).reshape(n_out, -1).cuda()
     out = qgemv_q8(x.cuda(), w, Q.Q4_K, n_out, k_in)
-    assert rel(out, emulated(x, raw, n_out, k_in)) < 1e-5
+    # float32 partial sums over up to 25600 products: ~sqrt(K) * 6e-8 relative
+    assert rel(out, emulated(x, raw, n_out, k_in)) < 1e-4
 
 
 def test_split_k_zeroes_its_output():
