@@ -32,7 +32,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from tpruntime.kernels import QUANT_KERNEL_TYPES
-from tpruntime.kernels.common import masked_load
+from tpruntime.kernels.common import masked_load, row_offsets
 from tpruntime.quants import dequantize
 
 SUPPORTED = QUANT_KERNEL_TYPES
@@ -300,12 +300,7 @@ def _qgemv_kernel(x_ptr, w_ptr, y_ptr, T, N, NB, row_bytes, stride_x, n_iter,
         ci = tl.arange(0, C)[None, None, :, None]
     acc0 = tl.zeros([D0, D1, D2, 1], tl.float32)
     jj = V * ci + tl.arange(0, V)[None, None, None, :]
-    rows = ()
-    for r in tl.static_range(BN):
-        row = tl.minimum(pid * BN + r, N - 1)  # tail rows redo the last one; the store drops them
-        if I64:
-            row = row.to(tl.int64)
-        rows = rows + (row * row_bytes,)
+    rows = row_offsets(pid, N, row_bytes, BN, I64)
     xs = ()
     for t in tl.static_range(T_PAD):
         xs = xs + (x_ptr + tl.minimum(t, T - 1) * stride_x,)

@@ -36,7 +36,7 @@ import triton.language as tl
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
-from tpruntime.kernels.common import masked_load
+from tpruntime.kernels.common import masked_load, row_offsets
 
 SUPPORTED = frozenset({Q.Q4_K})
 X_DTYPES = (torch.bfloat16, torch.float16)  # the model dtypes that take this kernel (x may be f32 too)
@@ -116,12 +116,7 @@ def _q4k_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, y_ptr, N, NB, row_bytes,
     gi = tl.arange(0, 4)[None, :, None, None]
     ci = tl.arange(0, 2)[None, None, :, None]
     wi = tl.arange(0, 4)[None, None, None, :]
-    rows = ()
-    for r in tl.static_range(BN):
-        row = tl.minimum(pid * BN + r, N - 1)  # tail rows redo the last one; the store drops them
-        if I64:
-            row = row.to(tl.int64)
-        rows = rows + (row * row_bytes,)
+    rows = row_offsets(pid, N, row_bytes, BN, I64)
     kb0 = 0
     kb1 = NB
     if SPLIT_K > 1:
