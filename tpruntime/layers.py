@@ -8,7 +8,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from .comm import Comm
 from .config import ModelConfig
@@ -139,6 +138,8 @@ class Attention:
                        and p.k_stop == p.first + T and self.whole_groups)
         mask = None
         if lower_right:
+            # imported here: the module pulls in torch._dynamo (1.5 s at every start)
+            from torch.nn.attention.bias import causal_lower_right
             mask = causal_lower_right(T, p.k_stop)
         elif not causal and (T > 1 or self.window or p.first is None):
             key = ("mask", start, self.window)
