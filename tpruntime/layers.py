@@ -25,7 +25,7 @@ class ColumnLinear:
     decode step reads them in one matrix product (quantized ones only when they share a type);
     the result is float32, split back by `sizes`."""
 
-    def __init__(self, weights: list, biases: list | None = None):
+    def __init__(self, weights: list):
         self.sizes = [w.shape[0] for w in weights]
         if all(isinstance(w, QuantWeight) for w in weights) and len({w.qtype for w in weights}) == 1:
             self.parts = [QuantWeight.cat(weights) if len(weights) > 1 else weights[0]]
@@ -33,14 +33,9 @@ class ColumnLinear:
             self.parts = weights  # mixed types (Q4_K_M's Q6_K attn_v): one product each
         else:
             self.parts = [torch.cat(weights) if len(weights) > 1 else weights[0]]
-        biases = biases or [None] * len(weights)
-        present = [b for b in biases if b is not None]
-        self.bias = torch.cat([b.float() if b is not None else torch.zeros(n, device=present[0].device)
-                               for b, n in zip(biases, self.sizes)]) if present else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul(x, self.parts[0]) if len(self.parts) == 1 else torch.cat([matmul(x, w) for w in self.parts], -1)
-        return y + self.bias if self.bias is not None else y
+        return matmul(x, self.parts[0]) if len(self.parts) == 1 else torch.cat([matmul(x, w) for w in self.parts], -1)
 
 
 class RowLinear:
@@ -90,8 +85,13 @@ class Attention:
     """Causal (optionally sliding-window) attention over this rank's KV-head group."""
 
     def __init__(self, w: Weights, cfg: ModelConfig, il: int, shard: LayerShard, rope: Rope, comm: Comm, ops):
-        self.attn_qkv = ColumnLinear([w["attn_q"], w["attn_k"], w["attn_v"]],
-                                     [w.get("attn_q_bias"), w.get("attn_k_bias"), w.get("attn_v_bias")])
+        self.attn_qkv = ColumnLinear([w["attn_q"], w["attn_k"], w["attn_v"]])
+        # q/k/v biases (qwen2) as one float32 vector over the fused columns, added inside the
+        # split/norm/rope op rather than as a launch of its own
+        biases = [w.get("attn_q_bias"), w.get("attn_k_bias"), w.get("attn_v_bias")]
+        present = [b for b in biases if b is not None]
+        self.attn_qkv_bias = torch.cat([b.float() if b is not None else torch.zeros(n, device=present[0].device)
+                                        for b, n in zip(biases, self.attn_qkv.sizes)]) if present else None
         self.attn_output = RowLinear(w["attn_output"], comm)
         self.attn_q_norm = w["attn_q_norm"] if cfg.qk_norm else None
         self.attn_k_norm = w["attn_k_norm"] if cfg.qk_norm else None
@@ -105,6 +105,11 @@ class Attention:
         # Whole groups in order: SDPA can broadcast the KV heads itself instead of copying them.
         self.whole_groups = self.kv_of_q.tolist() == [i // group for i in range(len(shard.q_heads))]
         self.head_dim, self.head_dim_v = cfg.head_dim, cfg.head_dim_v
+        dev = rope.cos.device
+        # flash attention's limits other than the dtype: q/k and v heads of one size up to 256,
+        # an sm80 or newer GPU
+        self.flash_shapes = (self.head_dim == self.head_dim_v <= 256 and dev.type == "cuda"
+                             and torch.cuda.get_device_capability(dev)[0] >= 8)
         self.scale = cfg.attn_scale
         self.window = cfg.sliding_window if cfg.layer_uses_swa(il) else 0
         # The split-K decode kernel reads the number of keys from the device, so one captured
@@ -120,7 +125,7 @@ class Attention:
             self.attn_qkv(x), self.n_head, self.n_head_kv, self.head_dim, self.head_dim_v,
             q_norm=self.attn_q_norm, k_norm=self.attn_k_norm, eps=self.eps, cos=self.rope.cos,
             sin=self.rope.sin, pos=p.pos, rope_dim=self.rope.dim, neox=self.rope.neox,
-            k_cache=k_cache, v_cache=v_cache, q_dtype=k_cache.dtype)
+            k_cache=k_cache, v_cache=v_cache, bias=self.attn_qkv_bias, q_dtype=k_cache.dtype)
         if T == 1 and self.reads_n_keys:
             if "n_keys" not in p.memo:
                 p.memo["n_keys"] = p.pos + 1
@@ -157,7 +162,7 @@ class Attention:
         # (The bottom-right causal mask runs in flash attention, which broadcasts them, where
         # flash can run: 16-bit inputs, equal q/k and v head sizes up to 256, sm80 or newer;
         # otherwise in the memory-efficient kernel, which cannot.)
-        flash = lower_right and self._flash_ok(q)
+        flash = lower_right and self.flash_shapes and q.dtype in (torch.float16, torch.bfloat16)
         if self.n_head != self.n_head_kv and (not self.whole_groups or (mask is not None and x.is_cuda and not flash)):
             keys, values = keys[self.kv_of_q], values[self.kv_of_q]
         # 4-D: SDPA's fused CUDA kernels reject 3-D inputs and would fall back to the math one.
@@ -165,10 +170,6 @@ class Attention:
                                              is_causal=causal, scale=self.scale,
                                              enable_gqa=self.n_head != keys.shape[0])[0]
         return self.attn_output(out.transpose(0, 1).reshape(T, self.n_head * self.head_dim_v))
-
-    def _flash_ok(self, q: torch.Tensor) -> bool:
-        return (q.dtype in (torch.float16, torch.bfloat16) and self.head_dim == self.head_dim_v <= 256
-                and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 
 class GatedFFN:
