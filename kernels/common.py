@@ -24,3 +24,18 @@ def row_offsets(pid, N, row_bytes, BN: tl.constexpr, I64: tl.constexpr):
             row = row.to(tl.int64)
         rows = rows + (row * row_bytes,)
     return rows
+
+
+@triton.jit
+def k4_header(h0, h1, h2, h3, gi):
+    """Q4_K / Q5_K block header, read as its four little-endian words h0..h3 (d, dmin f16 |
+    12 bytes of 6-bit scales and mins), for group gi (sub-blocks 2gi and 2gi + 1): d, dmin as
+    f32, and the words whose byte 2 * (gi % 2) (+1) holds those sub-blocks' scale (min) in
+    its low 6 bits. Sub-blocks 4..7 take their low 4 bits from h3 and their top 2 from the
+    top of h1 / h2 (the & -0x0F0F0F10 keeps bits 4..7 of each byte; the caller's & 63 drops
+    the neighbour's bits that the shift brought in)."""
+    d = (h0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = (h0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    sc = tl.where(gi < 2, h1, (h3 & 0x0F0F0F0F) | ((h1 >> 2) & -0x0F0F0F10))
+    mn = tl.where(gi < 2, h2, ((h3 >> 4) & 0x0F0F0F0F) | ((h2 >> 2) & -0x0F0F0F10))
+    return d, dmin, sc, mn

@@ -32,7 +32,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from tpruntime.kernels import QUANT_KERNEL_TYPES
-from tpruntime.kernels.common import masked_load, row_offsets
+from tpruntime.kernels.common import k4_header, masked_load, row_offsets
 from tpruntime.quants import dequantize
 
 SUPPORTED = QUANT_KERNEL_TYPES
@@ -121,12 +121,7 @@ def _dec_q45_k(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr, Q5:
     h1 = masked_load(hp + 1, m, MASK)
     h2 = masked_load(hp + 2, m, MASK)
     h3 = masked_load(hp + 3, m, MASK)
-    d = (h0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    dmin = (h0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    # Low 6 bits of byte i of these words: scale (min) of sub-block i for g < 2, of 4 + i after
-    # (the & 63 below drops the rest).
-    sc = tl.where(gi < 2, h1, (h3 & 0x0F0F0F0F) | ((h1 >> 2) & -0x0F0F0F10))
-    mn = tl.where(gi < 2, h2, ((h3 >> 4) & 0x0F0F0F0F) | ((h2 >> 2) & -0x0F0F0F10))
+    d, dmin, sc, mn = k4_header(h0, h1, h2, h3, gi)
     sh = (gi % 2) * 16
     QS: tl.constexpr = 48 if Q5 else 16
     q = masked_load(w_ptr + blk + (QS + 32 * gi + jj), m, MASK)

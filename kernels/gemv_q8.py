@@ -36,7 +36,7 @@ import triton.language as tl
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
-from tpruntime.kernels.common import masked_load, row_offsets
+from tpruntime.kernels.common import k4_header, masked_load, row_offsets
 
 SUPPORTED = frozenset({Q.Q4_K})
 X_DTYPES = (torch.bfloat16, torch.float16)  # the model dtypes that take this kernel (x may be f32 too)
@@ -138,10 +138,7 @@ def _q4k_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, y_ptr, N, NB, row_bytes,
         new = ()
         for r in tl.static_range(BN):
             h0, h1, h2, h3, qw = cur[6 + 5 * r], cur[7 + 5 * r], cur[8 + 5 * r], cur[9 + 5 * r], cur[10 + 5 * r]
-            d = (h0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            dmin = (h0 >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            sc = tl.where(gi < 2, h1, (h3 & 0x0F0F0F0F) | ((h1 >> 2) & -0x0F0F0F10))
-            mn = tl.where(gi < 2, h2, ((h3 >> 4) & 0x0F0F0F0F) | ((h2 >> 2) & -0x0F0F0F10))
+            d, dmin, sc, mn = k4_header(h0, h1, h2, h3, gi)
             p_lo = tl.sum(_dp4a(qw & 0x0F0F0F0F, x_lo, ASM), axis=3, keep_dims=True).to(tl.float32)
             p_hi = tl.sum(_dp4a((qw >> 4) & 0x0F0F0F0F, x_hi, ASM), axis=3, keep_dims=True).to(tl.float32)
             a_lo = d * ((sc >> sh) & 63).to(tl.float32)
