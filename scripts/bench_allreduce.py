@@ -5,9 +5,9 @@ one-shot all-reduce (the library to beat, issue 13), per message size and reduce
     torchrun --nproc-per-node 2 scripts/bench_allreduce.py [--sizes 4K 16K 64K 256K 1M]
         [--reduce-type f32 bf16] [--iters 200] [--out DIR]
 
-On CUDA each case is timed as a CUDA graph of --iters back-to-back all-reduces (what a
-graph-captured decode step pays per collective, launch cost excluded); on the CPU as a plain
-loop (gloo: only a smoke test of the harness). Every result is checked against the exact sum
+On CUDA each case is timed as replays of a CUDA graph of back-to-back all-reduces (what a
+graph-captured decode step pays per collective, launch cost excluded; scripts/bench_kernels.py's
+bench_time); on the CPU as a plain loop of --iters calls (gloo: only a smoke test of the harness). Every result is checked against the exact sum
 first (rank r fills its buffer with r + 1 plus a ramp). Rank 0 prints a markdown table and
 writes allreduce.json / allreduce.md under --out (default $OUT or .).
 """
@@ -20,6 +20,7 @@ import os
 import time
 
 import torch
+from bench_kernels import bench_time, save  # this folder: the other benchmarks' timing and files
 
 
 def parse_size(s: str) -> int:
@@ -38,26 +39,11 @@ def expected(n: int, world: int, dtype: torch.dtype, device: torch.device) -> to
 
 
 def time_per_call(fn, iters: int, device: torch.device) -> float:
-    """Seconds per fn() call: a replayed CUDA graph of `iters` calls, else a timed loop."""
-    for _ in range(3):
-        fn()
+    """Seconds per fn() call: on CUDA bench_kernels' replayed graph of back-to-back calls
+    (median of its replays), else a timed loop of `iters` calls."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(iters):
-                fn()
-        g.replay()
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(5):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            g.replay()
-            e1.record()
-            e1.synchronize()
-            best = min(best, e0.elapsed_time(e1) * 1e-3 / iters)
-        return best
+        return bench_time(lambda i: fn(), 1)
+    fn()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
@@ -75,16 +61,16 @@ def symm_mem_one_shot(n: int, dtype: torch.dtype, device: torch.device, src: tor
         symm_mem.rendezvous(buf, group.group_name)
         buf.copy_(src)
         out = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name)
-        return buf, lambda: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name), out
+        return lambda: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name), out
     except Exception as e:  # reported in the table: an unsupported build, no P2P, ...
-        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["4K", "16K", "64K", "256K", "1M"], help="message bytes")
     ap.add_argument("--reduce-type", nargs="+", default=["f32", "bf16"], choices=["f32", "f16", "bf16"])
-    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--iters", type=int, default=200, help="calls per timing on the CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -109,7 +95,7 @@ def main() -> None:
             row["runtime_exact"] = bool(torch.equal(got.to(dtype), want))
             row["runtime_us"] = 1e6 * time_per_call(lambda: comm.all_reduce(x), args.iters, device)
             if device.type == "cuda":
-                buf, fn, res = symm_mem_one_shot(n, dtype, device, x)
+                fn, res = symm_mem_one_shot(n, dtype, device, x)
                 if fn is None:
                     row["symm_mem"] = res
                 else:
@@ -120,20 +106,14 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     if comm.rank == 0:
         lines = [f"all-reduce, {comm.world_size} ranks, {device.type}; µs per call "
-                 f"({'CUDA-graph replay' if device.type == 'cuda' else 'eager loop'} of {args.iters})", "",
+                 f"({'CUDA-graph replays' if device.type == 'cuda' else f'eager loop of {args.iters}'})", "",
                  "| bytes | reduce | runtime (NCCL/gloo) µs | exact | torch symm-mem one-shot µs | exact |",
                  "|---|---|---|---|---|---|"]
         for r in rows:
             sm = (f"{r['symm_mem_us']:.1f} | {r['symm_mem_exact']}" if "symm_mem_us" in r
                   else f"{r.get('symm_mem', 'not on CPU')} | –")
             lines.append(f"| {r['bytes']} | {r['reduce']} | {r['runtime_us']:.1f} | {r['runtime_exact']} | {sm} |")
-        table = "\n".join(lines)
-        print("\n" + table)
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "allreduce.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        with open(os.path.join(args.out, "allreduce.md"), "w") as f:
-            f.write(table + "\n")
+        save(args.out, "allreduce", "\n".join(lines), rows)
     comm.barrier()
     comm.close()
 
