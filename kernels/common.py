@@ -1,7 +1,15 @@
 """Small Triton helpers shared by the kernels."""
 
+import os
+
 import triton
 import triton.language as tl
+
+
+def interpreting() -> bool:
+    """Whether kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1): there inline PTX
+    does not run and bf16 casts truncate, so the kernels take their integer-op equivalents."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

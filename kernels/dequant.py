@@ -31,7 +31,6 @@ or without the FMA. Every other type's value is a single exact product (Q6_K: 6 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -40,7 +39,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from tpruntime.kernels import QUANT_KERNEL_TYPES
-from tpruntime.kernels.common import masked_load
+from tpruntime.kernels.common import interpreting, masked_load
 from tpruntime.quants import dequantize
 
 SUPPORTED = QUANT_KERNEL_TYPES
@@ -209,10 +208,6 @@ def default_config(qtype: Q, dtype: torch.dtype) -> dict:
     return dict(BB=4096 // GGML_QUANT_SIZES[qtype][0], num_warps=4, V=16 // dtype.itemsize)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=4096)
 def _plan(qtype: Q, n_out: int, k_in: int, dtype: torch.dtype, interp: bool, config: tuple) -> tuple:
     """(grid, n_blocks, row_bytes, kernel keywords) for a call signature; cached because prefill
@@ -252,7 +247,7 @@ def dequantize_rows(w_raw: torch.Tensor, qtype, n_out: int, k_in: int, *, dtype:
     default_config (tuning)."""
     qtype = Q(qtype)
     n_out, k_in = int(n_out), int(k_in)
-    grid, n_blocks, row_bytes, kw = _plan(qtype, n_out, k_in, dtype, _interpreting(),
+    grid, n_blocks, row_bytes, kw = _plan(qtype, n_out, k_in, dtype, interpreting(),
                                           tuple(sorted(config.items())) if config else ())
     if w_raw.dtype != torch.uint8 or w_raw.numel() != n_out * row_bytes:
         raise ValueError(f"dequantize_rows: w_raw must be uint8 with {n_out * row_bytes} bytes "
@@ -267,7 +262,7 @@ def dequantize_rows(w_raw: torch.Tensor, qtype, n_out: int, k_in: int, *, dtype:
         res = out.view(-1)[:n].view(n_out, k_in)
     if n == 0:
         return res
-    if not w_raw.is_cuda and not _interpreting():
+    if not w_raw.is_cuda and not interpreting():
         # A CPU tensor outside the interpreter: the torch reference gives the same values.
         res.copy_(dequantize(w_raw.reshape(-1), qtype, (n_out, k_in)))
         return res

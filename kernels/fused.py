@@ -17,22 +17,17 @@ token with the same ones).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from tpruntime.kernels.common import interpreting
+
 # A row up to this long is held in registers for the whole kernel (32 floats per thread at 8
 # warps); a longer one is streamed in chunks of half this, read again from cache per pass.
 MAX_TILE = 8192
 _ACTS = {"silu": 0, "gelu_tanh": 1}
-
-
-def _interpreted() -> bool:
-    # Triton's interpreter truncates float32 to bfloat16 where the GPU rounds to nearest even;
-    # the kernels then round by hand (RNE), so CPU runs match the compiled ones bit for bit.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -152,7 +147,7 @@ def _launch_norm(x2, d2, pw, w, out2, eps, max_tile):
     _add_rms_norm_kernel[(rows,)](
         x2, d2 if d2 is not None else dummy, pw if pw is not None else dummy, w, out2, n, float(eps),
         x2.stride(0), d2.stride(0) if d2 is not None else 0, out2.stride(0),
-        HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=_interpreted(), **cfg)
+        HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), **cfg)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype = torch.bfloat16, *,
@@ -297,7 +292,7 @@ def qk_norm_rope_store(qkv: torch.Tensor, n_head: int, n_head_kv: int, head_dim:
         n_head, n_head_kv, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), float(eps),
         D=head_dim, DV=head_dim_v, ROPE=rope_dim, NEOX=bool(neox), HAS_BIAS=bias is not None,
-        HAS_NORM=q_norm is not None, RNE=_interpreted(), **_head_config(head_dim, head_dim_v))
+        HAS_NORM=q_norm is not None, RNE=interpreting(), **_head_config(head_dim, head_dim_v))
     return q
 
 
@@ -346,7 +341,7 @@ def act_mul(gate_up: torch.Tensor, n_ff: int, act: str = "silu",
     if g2.shape[0]:
         cfg = _act_config(n_ff)
         _act_mul_kernel[(g2.shape[0], triton.cdiv(n_ff, cfg["BLOCK"]))](
-            g2, out, n_ff, g2.stride(0), n_ff, ACT=_ACTS[act], RNE=_interpreted(), **cfg)
+            g2, out, n_ff, g2.stride(0), n_ff, ACT=_ACTS[act], RNE=interpreting(), **cfg)
     return out
 
 

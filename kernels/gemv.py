@@ -23,7 +23,6 @@ does not divide the row. Speed: scripts/bench_kernels.py (H100: 36-77% of 3.35 T
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -32,7 +31,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from tpruntime.kernels import QUANT_KERNEL_TYPES
-from tpruntime.kernels.common import k4_header, masked_load, row_offsets
+from tpruntime.kernels.common import interpreting, k4_header, masked_load, row_offsets
 from tpruntime.quants import dequantize
 
 SUPPORTED = QUANT_KERNEL_TYPES
@@ -398,7 +397,7 @@ def default_config(qtype: Q, n_out: int, k_in: int, t: int, x_bytes: int = 4) ->
 def _use_asm(x: torch.Tensor) -> bool:
     # Inline PTX only where it is compiled; the Triton interpreter (CPU tests) takes the
     # integer-op path that yields the same bits.
-    return x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    return x.is_cuda and not interpreting()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -28,7 +28,6 @@ projection), summing its partial rows with atomics.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -36,7 +35,7 @@ import triton.language as tl
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
-from tpruntime.kernels.common import k4_header, masked_load, row_offsets
+from tpruntime.kernels.common import interpreting, k4_header, masked_load, row_offsets
 
 SUPPORTED = frozenset({Q.Q4_K})
 X_DTYPES = (torch.bfloat16, torch.float16)  # the model dtypes that take this kernel (x may be f32 too)
@@ -169,10 +168,6 @@ def default_config(qtype: Q, n_out: int, k_in: int) -> dict:
     return cfg
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=4096)
 def _plan(qtype: Q, n_out: int, k_in: int, asm: bool, config: tuple) -> tuple:
     if qtype not in SUPPORTED:
@@ -217,7 +212,7 @@ def qgemv_q8(x: torch.Tensor, w_raw: torch.Tensor, qtype, n_out: int, k_in: int,
         raise ValueError(f"qgemv_q8: x {tuple(x.shape)} is not one token of k_in = {k_in}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"qgemv_q8: x dtype {x.dtype} is not a float type")
-    grid, nb, row_bytes, kw = _plan(Q(qtype), n_out, k_in, x.is_cuda and not _interpreting(),
+    grid, nb, row_bytes, kw = _plan(Q(qtype), n_out, k_in, x.is_cuda and not interpreting(),
                                     tuple(sorted(config.items())) if config else ())
     if w_raw.dtype != torch.uint8 or w_raw.numel() != n_out * row_bytes:
         raise ValueError(f"qgemv_q8: w_raw must be uint8 with {n_out * row_bytes} bytes ({n_out} rows of {row_bytes})")
