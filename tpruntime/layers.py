@@ -106,9 +106,10 @@ class Attention:
         self.whole_groups = self.kv_of_q.tolist() == [i // group for i in range(len(shard.q_heads))]
         self.head_dim, self.head_dim_v = cfg.head_dim, cfg.head_dim_v
         dev = rope.cos.device
-        # flash attention's limits other than the dtype: q/k and v heads of one size up to 256,
-        # an sm80 or newer GPU
-        self.flash_shapes = (self.head_dim == self.head_dim_v <= 256 and dev.type == "cuda"
+        # flash attention's limits other than the dtype: q/k and v heads of one size up to 256
+        # and a multiple of 8 (torch pads others), an sm80 or newer GPU
+        self.flash_shapes = (self.head_dim == self.head_dim_v <= 256 and self.head_dim % 8 == 0
+                             and dev.type == "cuda"
                              and torch.cuda.get_device_capability(dev)[0] >= 8)
         self.scale = cfg.attn_scale
         self.window = cfg.sliding_window if cfg.layer_uses_swa(il) else 0
@@ -141,12 +142,16 @@ class Attention:
         # CPU has no kernel for that alignment, so it builds the mask.
         lower_right = (not causal and T > 1 and not self.window and p.first is not None and x.is_cuda
                        and p.k_stop == p.first + T and self.whole_groups)
+        # The bottom-right causal mask runs in flash attention (which also broadcasts grouped KV
+        # heads) where flash can run: 16-bit inputs, equal q/k and v head sizes up to 256, sm80
+        # or newer; otherwise in the memory-efficient kernel, which cannot broadcast them.
+        flash = lower_right and self.flash_shapes and q.dtype in (torch.float16, torch.bfloat16)
         mask = None
-        if lower_right:
+        if lower_right and not flash:
             # imported here: the module pulls in torch._dynamo (1.5 s at every start)
             from torch.nn.attention.bias import causal_lower_right
             mask = causal_lower_right(T, p.k_stop)
-        elif not causal and (T > 1 or self.window or p.first is None):
+        elif not lower_right and not causal and (T > 1 or self.window or p.first is None):
             key = ("mask", start, self.window)
             if key not in p.memo:  # once per step for each kind of layer
                 k_pos = torch.arange(start, p.k_stop, device=x.device)[None, :]
@@ -157,18 +162,22 @@ class Attention:
                 p.memo[key] = mask
             mask = p.memo[key]
         # Grouped heads are broadcast by SDPA only in its flash and math kernels; with a
-        # boolean mask on CUDA, copying the KV heads out lets the memory-efficient kernel take
-        # it instead of the math one (which materializes every score in float32).
-        # (The bottom-right causal mask runs in flash attention, which broadcasts them, where
-        # flash can run: 16-bit inputs, equal q/k and v head sizes up to 256, sm80 or newer;
-        # otherwise in the memory-efficient kernel, which cannot.)
-        flash = lower_right and self.flash_shapes and q.dtype in (torch.float16, torch.bfloat16)
-        if self.n_head != self.n_head_kv and (not self.whole_groups or (mask is not None and x.is_cuda and not flash)):
+        # mask on CUDA, copying the KV heads out lets the memory-efficient kernel take it
+        # instead of the math one (which materializes every score in float32).
+        if self.n_head != self.n_head_kv and (not self.whole_groups or (mask is not None and x.is_cuda)):
             keys, values = keys[self.kv_of_q], values[self.kv_of_q]
         # 4-D: SDPA's fused CUDA kernels reject 3-D inputs and would fall back to the math one.
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
-                                             is_causal=causal, scale=self.scale,
-                                             enable_gqa=self.n_head != keys.shape[0])[0]
+        q4, k4, v4 = q.transpose(0, 1)[None], keys[None], values[None]
+        if flash:
+            # Flash attention aligns its causal mask to the bottom right when there are fewer
+            # queries than keys: what torch's causal_lower_right dispatches to. Called directly,
+            # since that public wrapper cost ~4 s at its first use (torch._dynamo's import and
+            # its __torch_function__ dispatch), inside the first prompt chunk after position 0.
+            out = torch.ops.aten._scaled_dot_product_flash_attention(q4, k4, v4, 0.0, True, False,
+                                                                     scale=self.scale)[0][0]
+        else:
+            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                                 enable_gqa=self.n_head != keys.shape[0])[0]
         return self.attn_output(out.transpose(0, 1).reshape(T, self.n_head * self.head_dim_v))
 
 
