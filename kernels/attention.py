@@ -34,19 +34,18 @@ comparison in scripts/bench_attention.py.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from tpruntime.kernels.common import interpreting, use_pdl, wait_inputs
 
 LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 4  # default split count: programs per SM over all KV heads of a full cache
 NUM_STAGES = 3  # cp.async pipeline depth of the tl.dot path (2 tiles of K and V in flight)
 NUM_WARPS = 4
 _DEFAULT_SMS = 132  # H100 SXM, for the interpreter
-# Triton's interpreter multiplies bf16 tl.dot operands as their integer bit patterns.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -76,7 +75,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, n_keys_ptr, part_ptr,
                   stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
                   G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PART: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr):
+                  BLOCK_N: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
+                  PDL: tl.constexpr):
+    wait_inputs(PDL)
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     lo, hi, chunk = _key_range(n_keys_ptr, n_ctx, window, n_splits, min_chunk, BLOCK_N)
@@ -155,7 +156,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, n_keys_ptr, part_ptr,
 @triton.jit
 def _merge_kernel(n_keys_ptr, part_ptr, out_ptr, n_ctx, window, n_splits, min_chunk, stride_oh,
                   DV: tl.constexpr, PART: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    wait_inputs(PDL)
     h = tl.program_id(0)
     lo, hi, chunk = _key_range(n_keys_ptr, n_ctx, window, n_splits, min_chunk, BLOCK_N)
     n_used = (hi - lo + chunk - 1) // chunk  # the splits that hold keys; the others wrote nothing
@@ -257,17 +259,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     window = max(0, int(window))
     scratch = torch.empty(n_head, ns, part, dtype=torch.float32, device=q.device)
     out = torch.empty(n_head, head_dim_v, dtype=torch.float32, device=q.device)
+    pdl = use_pdl(q)
     _split_kernel[(n_kv, ns)](
         q, k_cache, v_cache, n_keys, scratch, float(scale) * LOG2E, n_ctx, window, ns, p["min_chunk"],
         q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         G=p["group"], D=head_dim, DV=head_dim_v, PART=part, BLOCK_H=p["block_h"], BLOCK_D=p["block_d"],
         BLOCK_DV=p["block_dv"], BLOCK_N=p["block_n"], DOT=p["dot"],
-        IEEE=p["dot"] and k_cache.dtype == torch.float32, WIDEN=_INTERPRET,
+        # (Triton's interpreter multiplies bf16 tl.dot operands as their integer bit patterns)
+        IEEE=p["dot"] and k_cache.dtype == torch.float32, WIDEN=interpreting(), PDL=pdl, launch_pdl=pdl,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES if p["dot"] else 1)
     _merge_kernel[(n_head,)](
         n_keys, scratch, out, n_ctx, window, ns, p["min_chunk"], out.stride(0),
         DV=head_dim_v, PART=part, BLOCK_DV=p["block_dv"], BLOCK_S=32 if p["block_dv"] <= 128 else 16,
-        BLOCK_N=p["block_n"], num_warps=4)
+        BLOCK_N=p["block_n"], PDL=pdl, launch_pdl=pdl, num_warps=4)
     return out
 
 

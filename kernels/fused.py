@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tpruntime.kernels.common import interpreting
+from tpruntime.kernels.common import interpreting, use_pdl, wait_inputs
 
 # A row up to this long is held in registers for the whole kernel (32 floats per thread at 8
 # warps); a longer one is streamed in chunks of half this, read again from cache per pass.
@@ -58,7 +58,8 @@ def _rstd(x, n, eps):
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x, stride_d, stride_o,
                          HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr, BLOCK: tl.constexpr,
-                         NCHUNK: tl.constexpr, RNE: tl.constexpr):
+                         NCHUNK: tl.constexpr, RNE: tl.constexpr, PDL: tl.constexpr):
+    wait_inputs(PDL)
     # x is h (f32, rewritten with h + delta) when HAS_DELTA, else the input of a plain norm.
     # Tiles are [BLOCK / 4, 4], not [BLOCK]: every load and store then has the same 4-wide
     # vectors, where a flat tile lets Triton store f32 four and bf16 eight to a thread, with a
@@ -147,7 +148,8 @@ def _launch_norm(x2, d2, pw, w, out2, eps, max_tile):
     _add_rms_norm_kernel[(rows,)](
         x2, d2 if d2 is not None else dummy, pw if pw is not None else dummy, w, out2, n, float(eps),
         x2.stride(0), d2.stride(0) if d2 is not None else 0, out2.stride(0),
-        HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), **cfg)
+        HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=use_pdl(x2),
+        launch_pdl=use_pdl(x2), **cfg)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype = torch.bfloat16, *,
@@ -188,7 +190,9 @@ def _qk_norm_rope_store_kernel(
         qkv_ptr, bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
         n_q, n_kv, stride_qkv, stride_cos, stride_kh, stride_kp, stride_vh, stride_vp, eps,
         D: tl.constexpr, DV: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr):
+        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr,
+        PDL: tl.constexpr):
+    wait_inputs(PDL)
     # Program (t, hid): hid < n_q a query head, then n_kv key heads, then n_kv value heads.
     # q and k heads lie side by side with the same width, so head hid starts at column hid * D.
     t = tl.program_id(0)
@@ -292,7 +296,8 @@ def qk_norm_rope_store(qkv: torch.Tensor, n_head: int, n_head_kv: int, head_dim:
         n_head, n_head_kv, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), float(eps),
         D=head_dim, DV=head_dim_v, ROPE=rope_dim, NEOX=bool(neox), HAS_BIAS=bias is not None,
-        HAS_NORM=q_norm is not None, RNE=interpreting(), **_head_config(head_dim, head_dim_v))
+        HAS_NORM=q_norm is not None, RNE=interpreting(), PDL=use_pdl(qkv), launch_pdl=use_pdl(qkv),
+        **_head_config(head_dim, head_dim_v))
     return q
 
 
@@ -300,7 +305,8 @@ def qk_norm_rope_store(qkv: torch.Tensor, n_head: int, n_head_kv: int, head_dim:
 
 @triton.jit
 def _act_mul_kernel(gu_ptr, out_ptr, n_ff, stride_in, stride_out, ACT: tl.constexpr, BLOCK: tl.constexpr,
-                    RNE: tl.constexpr):
+                    RNE: tl.constexpr, PDL: tl.constexpr):
+    wait_inputs(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n_ff
@@ -341,7 +347,8 @@ def act_mul(gate_up: torch.Tensor, n_ff: int, act: str = "silu",
     if g2.shape[0]:
         cfg = _act_config(n_ff)
         _act_mul_kernel[(g2.shape[0], triton.cdiv(n_ff, cfg["BLOCK"]))](
-            g2, out, n_ff, g2.stride(0), n_ff, ACT=_ACTS[act], RNE=interpreting(), **cfg)
+            g2, out, n_ff, g2.stride(0), n_ff, ACT=_ACTS[act], RNE=interpreting(), PDL=use_pdl(g2),
+            launch_pdl=use_pdl(g2), **cfg)
     return out
 
 

@@ -31,7 +31,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from tpruntime.kernels import QUANT_KERNEL_TYPES
-from tpruntime.kernels.common import interpreting, k4_header, masked_load, row_offsets
+from tpruntime.kernels.common import interpreting, k4_header, masked_load, row_offsets, use_pdl, wait_inputs
 from tpruntime.quants import dequantize
 
 SUPPORTED = QUANT_KERNEL_TYPES
@@ -267,7 +267,7 @@ def _qgemv_kernel(x_ptr, w_ptr, y_ptr, T, N, NB, row_bytes, stride_x, n_iter,
                   QT: tl.constexpr, TS: tl.constexpr, G: tl.constexpr, J: tl.constexpr,
                   V: tl.constexpr, ORD: tl.constexpr, T_PAD: tl.constexpr, TG: tl.constexpr,
                   BN: tl.constexpr, BB: tl.constexpr, SPLIT_K: tl.constexpr, MASK: tl.constexpr,
-                  I64: tl.constexpr, ASM: tl.constexpr, CHAIN: tl.constexpr):
+                  I64: tl.constexpr, ASM: tl.constexpr, CHAIN: tl.constexpr, PDL: tl.constexpr):
     HAS_B: tl.constexpr = QT != 8  # every type but Q8_0 has the sum(x) term
     R: tl.constexpr = T_PAD * BN
     C: tl.constexpr = J // V
@@ -308,6 +308,7 @@ def _qgemv_kernel(x_ptr, w_ptr, y_ptr, T, N, NB, row_bytes, stride_x, n_iter,
     acc = ()
     for i in tl.static_range(R):
         acc = acc + (acc0,)
+    wait_inputs(PDL)  # x is the previous kernel's output (see use_pdl)
     for it in range(it0, it1):
         kb = it * BB + bi
         m = kb < NB
@@ -453,7 +454,9 @@ def qgemv(x: torch.Tensor, w_raw: torch.Tensor, qtype, n_out: int, k_in: int, *,
         raise ValueError(f"qgemv: w_raw must be uint8 with {w_numel} bytes ({n_out} rows of {row_bytes})")
     y = (torch.zeros if grid[1] > 1 else torch.empty)((n_tok, n_out), dtype=torch.float32, device=x.device)
     if n_tok and n_out:
-        _qgemv_kernel[grid](x2, w_raw, y, n_tok, n_out, nb, row_bytes, x2.stride(0), n_iter, **kw)
+        pdl = use_pdl(x2)
+        _qgemv_kernel[grid](x2, w_raw, y, n_tok, n_out, nb, row_bytes, x2.stride(0), n_iter, PDL=pdl,
+                            launch_pdl=pdl, **kw)
     return y.reshape(*lead, n_out)
 
 

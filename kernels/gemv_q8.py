@@ -35,7 +35,7 @@ import triton.language as tl
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
-from tpruntime.kernels.common import interpreting, k4_header, masked_load, row_offsets
+from tpruntime.kernels.common import interpreting, k4_header, masked_load, row_offsets, use_pdl, wait_inputs
 
 SUPPORTED = frozenset({Q.Q4_K})
 X_DTYPES = (torch.bfloat16, torch.float16)  # the model dtypes that take this kernel (x may be f32 too)
@@ -43,10 +43,11 @@ X_DTYPES = (torch.bfloat16, torch.float16)  # the model dtypes that take this ke
 
 @triton.jit
 def _quantize_x_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, n_groups, y_ptr, N, BG: tl.constexpr, MASK: tl.constexpr,
-                       ZB: tl.constexpr):
+                       ZB: tl.constexpr, PDL: tl.constexpr):
     """x [K] -> xq int8 [K], xd f32 [K / 32] (xq * xd ~ x), xs f32 [K / 16] (sums of x); with
     ZB > 0 it also zeroes y [N] (ZB values per program) for the split-K atomics, which saves the
     GEMV a memset launch."""
+    wait_inputs(PDL)
     if ZB > 0:
         zi = tl.program_id(0) * ZB + tl.arange(0, ZB)
         tl.store(y_ptr + zi, tl.zeros([ZB], tl.float32), mask=zi < N)
@@ -86,17 +87,26 @@ def _dp4a(a, b, ASM: tl.constexpr):
 
 
 @triton.jit
-def _load_step(xw, xd_ptr, xs_ptr, w_ptr, rows, k0, kb1, bi, gi, ci, wi, BN: tl.constexpr, MASK: tl.constexpr):
-    """Everything one K step reads: x (int8 words of the low / high sub-block, per-32 scales,
-    per-16 sums), then per row the block header words and this thread's 16 quant bytes."""
+def _load_x(xw, xd_ptr, xs_ptr, k0, kb1, bi, gi, ci, wi, MASK: tl.constexpr):
+    """What one K step reads of x: the int8 words of the low / high sub-block, the per-32
+    scales and the per-16 sums."""
     kb = k0 + bi
     m = kb < kb1
     xo = kb * 64 + 16 * gi + 4 * ci + wi
     so = kb * 8 + 2 * gi
     xo16 = kb * 16 + 4 * gi + ci
-    out = (masked_load(xw + xo, m, MASK), masked_load(xw + (xo + 8), m, MASK),
-           masked_load(xd_ptr + so, m, MASK), masked_load(xd_ptr + (so + 1), m, MASK),
-           masked_load(xs_ptr + xo16, m, MASK), masked_load(xs_ptr + (xo16 + 2), m, MASK))
+    return (masked_load(xw + xo, m, MASK), masked_load(xw + (xo + 8), m, MASK),
+            masked_load(xd_ptr + so, m, MASK), masked_load(xd_ptr + (so + 1), m, MASK),
+            masked_load(xs_ptr + xo16, m, MASK), masked_load(xs_ptr + (xo16 + 2), m, MASK))
+
+
+@triton.jit
+def _load_w(w_ptr, rows, k0, kb1, bi, gi, ci, wi, BN: tl.constexpr, MASK: tl.constexpr):
+    """What one K step reads of the weights: per row the block header words and this thread's
+    16 quant bytes."""
+    kb = k0 + bi
+    m = kb < kb1
+    out = ()
     for r in tl.static_range(BN):
         blk = rows[r] + kb * 144
         hp = (w_ptr + blk).to(tl.pointer_type(tl.int32))
@@ -109,7 +119,7 @@ def _load_step(xw, xd_ptr, xs_ptr, w_ptr, rows, k0, kb1, bi, gi, ci, wi, BN: tl.
 @triton.jit
 def _q4k_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, y_ptr, N, NB, row_bytes,
                 BN: tl.constexpr, BB: tl.constexpr, SPLIT_K: tl.constexpr, MASK: tl.constexpr,
-                I64: tl.constexpr, ASM: tl.constexpr):
+                I64: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     bi = tl.arange(0, BB)[:, None, None, None]
     gi = tl.arange(0, 4)[None, :, None, None]
@@ -130,9 +140,13 @@ def _q4k_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, y_ptr, N, NB, row_bytes,
     # Software pipelining by hand: the loads of step k + 1 are issued before the math of step k,
     # so a warp keeps its next bytes in flight while it computes (Triton pipelines only loads
     # that feed tl.dot; these feed registers). The step past the end loads nothing (masked).
-    cur = _load_step(xw, xd_ptr, xs_ptr, w_ptr, rows, kb0, kb1, bi, gi, ci, wi, BN, MASK)
+    # The first weights are in flight before the wait for x (a dependent launch: see use_pdl).
+    w0 = _load_w(w_ptr, rows, kb0, kb1, bi, gi, ci, wi, BN, MASK)
+    wait_inputs(PDL)
+    cur = _load_x(xw, xd_ptr, xs_ptr, kb0, kb1, bi, gi, ci, wi, MASK) + w0
     for k0 in range(kb0, kb1, BB):
-        nxt = _load_step(xw, xd_ptr, xs_ptr, w_ptr, rows, k0 + BB, kb1, bi, gi, ci, wi, BN, True)
+        nxt = (_load_x(xw, xd_ptr, xs_ptr, k0 + BB, kb1, bi, gi, ci, wi, True)
+               + _load_w(w_ptr, rows, k0 + BB, kb1, bi, gi, ci, wi, BN, True))
         x_lo, x_hi, dx_lo, dx_hi, s_lo, s_hi = cur[0], cur[1], cur[2], cur[3], cur[4], cur[5]
         new = ()
         for r in tl.static_range(BN):
@@ -199,8 +213,9 @@ def quantize_x(x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Te
     grid = triton.cdiv(n_groups, bg)
     n = 0 if y is None else y.numel()
     zb = triton.next_power_of_2(triton.cdiv(n, grid)) if n else 0
+    pdl = use_pdl(x)
     _quantize_x_kernel[(grid,)](x, xq, xd, xs, n_groups, xd if y is None else y, n, BG=bg,
-                                MASK=n_groups % bg != 0, ZB=zb, num_warps=4)
+                                MASK=n_groups % bg != 0, ZB=zb, PDL=pdl, launch_pdl=pdl, num_warps=4)
     return xq, xd, xs
 
 
@@ -226,7 +241,8 @@ def qgemv_q8(x: torch.Tensor, w_raw: torch.Tensor, qtype, n_out: int, k_in: int,
         y.zero_()
     xq, xd, xs = quantize_x(x.reshape(k_in).contiguous(), y if zero_in_quantize else None)
     if n_out:
-        _q4k_kernel[grid](xq, xd, xs, w_raw, y, n_out, nb, row_bytes, **kw)
+        pdl = use_pdl(x)
+        _q4k_kernel[grid](xq, xd, xs, w_raw, y, n_out, nb, row_bytes, PDL=pdl, launch_pdl=pdl, **kw)
     return y.reshape(*x.shape[:-1], n_out)
 
 

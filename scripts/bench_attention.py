@@ -23,7 +23,6 @@ Writes attention.json and attention.md under --out (default $OUT or .).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -46,18 +45,8 @@ DEV = "cuda"
 
 
 def load_attention():
-    """tpruntime.kernels.attention, or the file itself where the package is not installed (it
-    imports only torch and triton)."""
-    try:
-        from tpruntime.kernels import attention
-        return attention
-    except ImportError:
-        path = Path(__file__).resolve().parents[1] / "kernels" / "attention.py"
-        spec = importlib.util.spec_from_file_location("tp_attention", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    from tpruntime.kernels import attention
+    return attention
 
 
 def graph_us(calls: list, reps: int) -> float:

@@ -186,3 +186,27 @@ def test_cuda_bf16_int8_gemv_error_within_bf16s(tmp_path, monkeypatch):
     # (tiny random weights, whose activations are spikier per 32 values than a trained model's);
     # a wrong scale or sub-block would be off by the logits' whole size.
     assert e_q8 < min(0.1, 10 * e_float), (e_q8, e_float, e_torch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a CUDA device of sm_90 or newer (programmatic dependent launch)")
+def test_cuda_dependent_launches_equal_ordinary_ones(tmp_path, monkeypatch):
+    """Decode graphs whose kernels launch as programmatic dependents (each places its programs
+    while the previous kernel finishes, the GEMVs load weights before waiting) give bit for bit
+    the logits of ordinary launches, over hundreds of replays: a kernel that read or wrote
+    before its wait would show as stale or torn activations."""
+    from tpruntime.kernels import common
+    from tpruntime.synthetic import write_model
+    path = str(write_model(tmp_path / "q4k.gguf", "tiny-qwen3", qtype="Q4_K", seed=8, target_std=0.05))
+    g = torch.Generator().manual_seed(12)
+    prompt = torch.randint(0, 200, (30,), generator=g).tolist()
+    steps = torch.randint(0, 200, (400,), generator=g).tolist()
+    outs = {}
+    for pdl in (True, False):
+        monkeypatch.setattr(common, "PDL", pdl)
+        lm = load_model(path, n_ctx=512, device="cuda", dtype="bf16", progress=False)
+        assert common.use_pdl(torch.empty(1, device="cuda")) == pdl and lm.graphs is not None
+        outs[pdl] = _prefill_then_decode(lm, prompt, steps)
+        del lm
+    assert torch.equal(outs[True], outs[False])
