@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 
 from tpruntime.kernels.common import interpreting, use_pdl, wait_inputs
+from tpruntime.kernels.gemv_q8 import new_quantized, quantize_store, zero_config, zero_share
+from tpruntime.qweight import Int8Request, QuantizedX
 
 LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 4  # default split count: programs per SM over all KV heads of a full cache
@@ -155,8 +157,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, n_keys_ptr, part_ptr,
 
 @triton.jit
 def _merge_kernel(n_keys_ptr, part_ptr, out_ptr, n_ctx, window, n_splits, min_chunk, stride_oh,
+                  xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share,
                   DV: tl.constexpr, PART: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PDL: tl.constexpr, Q8: tl.constexpr, ZB: tl.constexpr):
     wait_inputs(PDL)
     h = tl.program_id(0)
     lo, hi, chunk = _key_range(n_keys_ptr, n_ctx, window, n_splits, min_chunk, BLOCK_N)
@@ -184,6 +187,11 @@ def _merge_kernel(n_keys_ptr, part_ptr, out_ptr, n_ctx, window, n_splits, min_ch
         acc += tl.load(row[:, None] + dv[None, :], mask=a_mask, other=0.0) * w[:, None]
     out = tl.sum(acc, axis=0) / tl.sum(l_run, axis=0)
     tl.store(out_ptr + h * stride_oh + dv, out, mask=dv < DV)
+    if Q8:  # the head's values in int8 form for the output projection (DV whole groups of 32)
+        g = h * (DV // 32) + tl.arange(0, DV // 32)[:, None]
+        quantize_store(tl.reshape(out, [DV // 32, 32]), g, None, xq_ptr, xd_ptr, xs_ptr)
+        if ZB > 0:
+            zero_share(y_ptr, h, share, n_zero, ZB)
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,7 +235,7 @@ def plan(n_head: int, n_kv: int, n_ctx: int, head_dim: int, head_dim_v: int, dty
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_keys: torch.Tensor,
                      scale: float, window: int = 0, *, chunk: int | None = None,
-                     dot: bool | None = None) -> torch.Tensor:
+                     dot: bool | None = None, q8: Int8Request | None = None) -> "torch.Tensor | QuantizedX":
     """q: [n_head, head_dim] (f32/bf16/f16) of the one new token, at position n_keys-1.
     k_cache [n_kv, n_ctx, head_dim], v_cache [n_kv, n_ctx, head_dim_v]: bf16/f16/f32 with a
     contiguous last dim; query head h reads KV head h // (n_head // n_kv).
@@ -241,7 +249,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     cdiv(n_ctx, chunk) splits (default: one tile, and a split count sized to the device).
     dot: tl.dot over the query-head group padded to 16 rows (default for bf16/f16 caches; q and
     the softmax weights are rounded to the cache dtype, as in flash attention) or broadcast f32
-    FMAs (default for f32 caches)."""
+    FMAs (default for f32 caches). q8: the output projection's request (tpruntime/qweight.py):
+    where head_dim_v is a power of two and a multiple of 32, the merge kernel also writes the
+    output's int8 form, returned as a QuantizedX whose x is the output as [1, n_head * head_dim_v]."""
     n_head, head_dim = q.shape
     n_kv, n_ctx, d_k = k_cache.shape
     head_dim_v = v_cache.shape[2]
@@ -259,6 +269,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     window = max(0, int(window))
     scratch = torch.empty(n_head, ns, part, dtype=torch.float32, device=q.device)
     out = torch.empty(n_head, head_dim_v, dtype=torch.float32, device=q.device)
+    qx = None
+    if q8 is not None and head_dim_v % 32 == 0 and p["block_dv"] == head_dim_v:
+        qx = new_quantized(out.view(1, -1), q8)
+    share, zb = zero_config(q8.n_zero, n_head) if qx else (0, 0)
     pdl = use_pdl(q)
     _split_kernel[(n_kv, ns)](
         q, k_cache, v_cache, n_keys, scratch, float(scale) * LOG2E, n_ctx, window, ns, p["min_chunk"],
@@ -270,9 +284,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_warps=NUM_WARPS, num_stages=NUM_STAGES if p["dot"] else 1)
     _merge_kernel[(n_head,)](
         n_keys, scratch, out, n_ctx, window, ns, p["min_chunk"], out.stride(0),
+        *(qx[1:4] if qx else (out,) * 3), qx.y if qx and qx.y is not None else out, q8.n_zero if qx else 0, share,
         DV=head_dim_v, PART=part, BLOCK_DV=p["block_dv"], BLOCK_S=32 if p["block_dv"] <= 128 else 16,
-        BLOCK_N=p["block_n"], PDL=pdl, launch_pdl=pdl, num_warps=4)
-    return out
+        BLOCK_N=p["block_n"], PDL=pdl, launch_pdl=pdl, Q8=qx is not None, ZB=zb, num_warps=4)
+    return out if qx is None else qx
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_keys: int,

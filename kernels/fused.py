@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 
 from tpruntime.kernels.common import interpreting, use_pdl, wait_inputs
+from tpruntime.kernels.gemv_q8 import new_quantized, quantize_store, zero_config, zero_share
+from tpruntime.qweight import Int8Request, QuantizedX
 
 # A row up to this long is held in registers for the whole kernel (32 floats per thread at 8
 # warps); a longer one is streamed in chunks of half this, read again from cache per pass.
@@ -57,8 +59,10 @@ def _rstd(x, n, eps):
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x, stride_d, stride_o,
+                         xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero,
                          HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr, BLOCK: tl.constexpr,
-                         NCHUNK: tl.constexpr, RNE: tl.constexpr, PDL: tl.constexpr):
+                         NCHUNK: tl.constexpr, RNE: tl.constexpr, PDL: tl.constexpr, Q8: tl.constexpr,
+                         ZB: tl.constexpr):
     wait_inputs(PDL)
     # x is h (f32, rewritten with h + delta) when HAS_DELTA, else the input of a plain norm.
     # Tiles are [BLOCK / 4, 4], not [BLOCK]: every load and store then has the same 4-wide
@@ -80,7 +84,13 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x,
                 d = d * _rstd(d, n, eps) * pw
             x = x + d
             tl.store(xr + offs, x, mask=m)
-        tl.store(orow + offs, _cast(x * _rstd(x, n, eps) * w, out_ptr.dtype.element_ty, RNE), mask=m)
+        o = _cast(x * _rstd(x, n, eps) * w, out_ptr.dtype.element_ty, RNE)
+        tl.store(orow + offs, o, mask=m)
+        if Q8:  # one row (a decode token): its int8 form for the next GEMV, from the rounded values
+            g = tl.arange(0, BLOCK // 32)[:, None]
+            quantize_store(tl.reshape(o.to(tl.float32), [BLOCK // 32, 32]), g, g < n // 32, xq_ptr, xd_ptr, xs_ptr)
+            if ZB > 0:
+                zero_share(y_ptr, 0, n_zero, n_zero, ZB)
     else:
         # Streamed: h + delta is summed in one pass and formed again in the next (from cache)
         # rather than stored and read back, which would need the writing and reading threads
@@ -138,39 +148,51 @@ def _rows(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _launch_norm(x2, d2, pw, w, out2, eps, max_tile):
+def _launch_norm(x2, d2, pw, w, out2, eps, max_tile, q8: Int8Request | None = None):
+    """Launch the norm kernel; with q8 (and a row it can quantize: one row of a multiple of 32
+    values held whole) it also writes out2's int8 form, returned as a QuantizedX (else None)."""
     n = w.numel()
     rows = x2.shape[0]
     if rows == 0:
-        return
+        return None
     cfg = _norm_config(n, max_tile)
+    qx = None
+    if q8 is not None and rows == 1 and n % 32 == 0 and cfg["NCHUNK"] == 1:
+        qx = new_quantized(out2, q8)
     dummy = x2
+    pdl = use_pdl(x2)
     _add_rms_norm_kernel[(rows,)](
         x2, d2 if d2 is not None else dummy, pw if pw is not None else dummy, w, out2, n, float(eps),
         x2.stride(0), d2.stride(0) if d2 is not None else 0, out2.stride(0),
-        HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=use_pdl(x2),
-        launch_pdl=use_pdl(x2), **cfg)
+        *(qx[1:4] if qx else (dummy,) * 3), qx.y if qx and qx.y is not None else dummy, q8.n_zero if qx else 0,
+        HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=pdl, launch_pdl=pdl,
+        Q8=qx is not None, ZB=zero_config(q8.n_zero, 1)[1] if qx else 0, **cfg)
+    return qx
+
+
+def _with_int8(out: torch.Tensor, qx: QuantizedX | None):
+    return out if qx is None else qx._replace(x=out)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype = torch.bfloat16, *,
-             max_tile: int = MAX_TILE) -> torch.Tensor:
+             max_tile: int = MAX_TILE, q8: Int8Request | None = None) -> "torch.Tensor | QuantizedX":
     """F.rms_norm(x.float(), weight.shape, weight, eps) cast to out_dtype: x [..., n] (any float
     dtype), weight [n]; each row of n normalized on its own. `max_tile` (tests): the longest row
-    held in registers."""
+    held in registers. q8: the next GEMV's request; where the kernel can, the result comes as a
+    QuantizedX (tpruntime/qweight.py) with its int8 form."""
     n = weight.numel()
     x2 = _rows(x, n, "rms_norm")
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    _launch_norm(x2, None, None, weight.contiguous(), out.view(-1, n), eps, max_tile)
-    return out
+    return _with_int8(out, _launch_norm(x2, None, None, weight.contiguous(), out.view(-1, n), eps, max_tile, q8))
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
                  post_weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-                 max_tile: int = MAX_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_tile: int = MAX_TILE, q8: Int8Request | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the next norm in one pass: h += delta, IN PLACE (h is the float32
     residual stream, contiguous; a captured graph keeps reusing its buffer), or h +=
     rms_norm(delta) * post_weight when post_weight is given (Gemma's sandwich norm). Returns
-    (h, rms_norm(h) * weight as out_dtype). delta: f32 or bf16, h's shape."""
+    (h, rms_norm(h) * weight as out_dtype). delta: f32 or bf16, h's shape. q8: as rms_norm's."""
     if h.dtype != torch.float32 or not h.is_contiguous():
         raise ValueError("add_rms_norm: h must be a contiguous float32 tensor (it is updated in place)")
     if delta.shape != h.shape:
@@ -179,8 +201,9 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     h2 = _rows(h, n, "add_rms_norm")
     out = torch.empty(h.shape, dtype=out_dtype, device=h.device)
     pw = post_weight.contiguous() if post_weight is not None else None
-    _launch_norm(h2, _rows(delta, n, "add_rms_norm"), pw, weight.contiguous(), out.view(-1, n), eps, max_tile)
-    return h, out
+    qx = _launch_norm(h2, _rows(delta, n, "add_rms_norm"), pw, weight.contiguous(), out.view(-1, n), eps,
+                      max_tile, q8)
+    return h, _with_int8(out, qx)
 
 
 # --- q/k norm, rope, KV-cache store ----------------------------------------------------------
@@ -304,8 +327,9 @@ def qk_norm_rope_store(qkv: torch.Tensor, n_head: int, n_head_kv: int, head_dim:
 # --- gated activation ------------------------------------------------------------------------
 
 @triton.jit
-def _act_mul_kernel(gu_ptr, out_ptr, n_ff, stride_in, stride_out, ACT: tl.constexpr, BLOCK: tl.constexpr,
-                    RNE: tl.constexpr, PDL: tl.constexpr):
+def _act_mul_kernel(gu_ptr, out_ptr, n_ff, stride_in, stride_out, xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share,
+                    ACT: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr, PDL: tl.constexpr,
+                    Q8: tl.constexpr, ZB: tl.constexpr):
     wait_inputs(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -319,7 +343,13 @@ def _act_mul_kernel(gu_ptr, out_ptr, n_ff, stride_in, stride_out, ACT: tl.conste
         # where the tanh nears -1.
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         a = g / (1.0 + tl.exp(-2.0 * z))
-    tl.store(out_ptr + row * stride_out + offs, _cast(a * u, out_ptr.dtype.element_ty, RNE), mask=m)
+    o = _cast(a * u, out_ptr.dtype.element_ty, RNE)
+    tl.store(out_ptr + row * stride_out + offs, o, mask=m)
+    if Q8:  # one row: its int8 form for the down projection (BLOCK holds whole groups of 32)
+        g = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)[:, None]
+        quantize_store(tl.reshape(o.to(tl.float32), [BLOCK // 32, 32]), g, g < n_ff // 32, xq_ptr, xd_ptr, xs_ptr)
+        if ZB > 0:
+            zero_share(y_ptr, tl.program_id(1), share, n_zero, ZB)
 
 
 @functools.lru_cache(maxsize=None)
@@ -331,9 +361,10 @@ def _act_config(n_ff: int) -> dict:
 
 
 def act_mul(gate_up: torch.Tensor, n_ff: int, act: str = "silu",
-            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            out_dtype: torch.dtype = torch.float32, *, q8: Int8Request | None = None) -> "torch.Tensor | QuantizedX":
     """act(gate) * up in float32, cast to out_dtype: gate_up [..., 2 * n_ff] holds gate in its
-    first n_ff columns and up in the last; act is silu or gelu_tanh (F.gelu(approximate="tanh"))."""
+    first n_ff columns and up in the last; act is silu or gelu_tanh (F.gelu(approximate="tanh")).
+    q8: as rms_norm's (for one row of a multiple of 32 values)."""
     if act not in _ACTS:
         raise ValueError(f"act_mul: activation {act!r} is not one of {sorted(_ACTS)}")
     if gate_up.shape[-1] != 2 * n_ff:
@@ -344,12 +375,19 @@ def act_mul(gate_up: torch.Tensor, n_ff: int, act: str = "silu",
     g2 = gate_up.reshape(-1, 2 * n_ff)
     if g2.stride(-1) != 1:
         g2 = g2.contiguous()
+    qx = None
     if g2.shape[0]:
         cfg = _act_config(n_ff)
-        _act_mul_kernel[(g2.shape[0], triton.cdiv(n_ff, cfg["BLOCK"]))](
-            g2, out, n_ff, g2.stride(0), n_ff, ACT=_ACTS[act], RNE=interpreting(), PDL=use_pdl(g2),
-            launch_pdl=use_pdl(g2), **cfg)
-    return out
+        grid = (g2.shape[0], triton.cdiv(n_ff, cfg["BLOCK"]))
+        if q8 is not None and g2.shape[0] == 1 and n_ff % 32 == 0:
+            qx = new_quantized(out, q8)
+        share, zb = zero_config(q8.n_zero, grid[1]) if qx else (0, 0)
+        pdl = use_pdl(g2)
+        _act_mul_kernel[grid](
+            g2, out, n_ff, g2.stride(0), n_ff, *(qx[1:4] if qx else (out,) * 3),
+            qx.y if qx and qx.y is not None else out, q8.n_zero if qx else 0, share,
+            ACT=_ACTS[act], RNE=interpreting(), PDL=pdl, launch_pdl=pdl, Q8=qx is not None, ZB=zb, **cfg)
+    return _with_int8(out, qx)
 
 
 __all__ = ["MAX_TILE", "rms_norm", "add_rms_norm", "qk_norm_rope_store", "act_mul"]

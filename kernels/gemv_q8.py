@@ -36,43 +36,52 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from tpruntime.kernels.common import interpreting, k4_header, masked_load, row_offsets, use_pdl, wait_inputs
+from tpruntime.qweight import Int8Request, QuantizedX
 
 SUPPORTED = frozenset({Q.Q4_K})
 X_DTYPES = (torch.bfloat16, torch.float16)  # the model dtypes that take this kernel (x may be f32 too)
 
 
 @triton.jit
-def _quantize_x_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, n_groups, y_ptr, N, BG: tl.constexpr, MASK: tl.constexpr,
-                       ZB: tl.constexpr, PDL: tl.constexpr):
-    """x [K] -> xq int8 [K], xd f32 [K / 32] (xq * xd ~ x), xs f32 [K / 16] (sums of x); with
-    ZB > 0 it also zeroes y [N] (ZB values per program) for the split-K atomics, which saves the
-    GEMV a memset launch."""
-    wait_inputs(PDL)
-    if ZB > 0:
-        zi = tl.program_id(0) * ZB + tl.arange(0, ZB)
-        tl.store(y_ptr + zi, tl.zeros([ZB], tl.float32), mask=zi < N)
-    g = tl.program_id(0) * BG + tl.arange(0, BG)[:, None]
-    j = tl.arange(0, 32)[None, :]
-    m = g < n_groups
-    if MASK:
-        x = tl.load(x_ptr + g * 32 + j, mask=m, other=0).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + g * 32 + j).to(tl.float32)
+def quantize_store(x, g, m, xq_ptr, xd_ptr, xs_ptr):
+    """Round x (float32 [G, 32]: the values of groups g, an int [G, 1] tile) to int8 per group of
+    32 and store what the GEMV reads: xq int8 (group g at [32 g, 32 g + 32)), xd f32 [g] (xq * xd
+    ~ x), xs f32 [2 g, 2 g + 1] (the sums of each half, unrounded); m ([G, 1] or None): the
+    groups to store. Shared by the quantize kernel and the kernels that produce a GEMV's input
+    (norms, activation, attention merge), which then spare the GEMV a launch."""
+    G: tl.constexpr = x.shape[0]
     amax = tl.max(tl.abs(x), axis=1, keep_dims=True)
     # (a group below 1e-30 counts as zeros: 127 / amax would overflow to inf and 0 * inf is NaN)
     inv = tl.where(amax > 1e-30, 127.0 / amax, 0.0)
     v = x * inv
     q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)  # to nearest, ties away from zero
-    s = tl.sum(tl.reshape(x, [BG, 2, 16]), axis=2)
-    h = tl.arange(0, 2)[None, :]
-    if MASK:
-        tl.store(xq_ptr + g * 32 + j, q.to(tl.int8), mask=m)
-        tl.store(xd_ptr + g, amax / 127.0, mask=m)
-        tl.store(xs_ptr + 2 * g + h, s, mask=m)
-    else:
-        tl.store(xq_ptr + g * 32 + j, q.to(tl.int8))
-        tl.store(xd_ptr + g, amax / 127.0)
-        tl.store(xs_ptr + 2 * g + h, s)
+    s = tl.sum(tl.reshape(x, [G, 2, 16]), axis=2)
+    tl.store(xq_ptr + g * 32 + tl.arange(0, 32)[None, :], q.to(tl.int8), mask=m)
+    tl.store(xd_ptr + g, amax / 127.0, mask=m)
+    tl.store(xs_ptr + 2 * g + tl.arange(0, 2)[None, :], s, mask=m)
+
+
+@triton.jit
+def zero_share(y_ptr, part, share, n_zero, ZB: tl.constexpr):
+    """Zero y[part * share, (part + 1) * share) (within [0, n_zero)) in ZB-wide stores: the part
+    of the GEMV's split-K output that one program of the producing kernel clears."""
+    for z in range(0, share, ZB):
+        i = z + tl.arange(0, ZB)
+        tl.store(y_ptr + part * share + i, tl.zeros([ZB], tl.float32), mask=(i < share) & (part * share + i < n_zero))
+
+
+@triton.jit
+def _quantize_x_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, n_groups, y_ptr, n_zero, share, BG: tl.constexpr,
+                       MASK: tl.constexpr, ZB: tl.constexpr, PDL: tl.constexpr):
+    """x [K] -> xq, xd, xs (quantize_store); with ZB > 0 it also zeroes y [n_zero] (`share`
+    values per program) for the split-K atomics, which saves the GEMV a memset launch."""
+    wait_inputs(PDL)
+    if ZB > 0:
+        zero_share(y_ptr, tl.program_id(0), share, n_zero, ZB)
+    g = tl.program_id(0) * BG + tl.arange(0, BG)[:, None]
+    m = g < n_groups
+    x = masked_load(x_ptr + g * 32 + tl.arange(0, 32)[None, :], m, MASK).to(tl.float32)
+    quantize_store(x, g, m if MASK else None, xq_ptr, xd_ptr, xs_ptr)
 
 
 @triton.jit
@@ -179,6 +188,10 @@ def default_config(qtype: Q, n_out: int, k_in: int) -> dict:
     cfg = dict(BN=4, num_warps=1, SPLIT_K=1, REP=2)
     if n_out <= 4096 and nb >= 16:
         cfg.update(SPLIT_K=2, REP=1)
+    elif nb % 8 and nb < 64:
+        # short rows that 8-block steps would end in a half-masked one (k_in 5120: 20 blocks):
+        # 4-block steps, none masked (H200: qwen3-32b gate/up 48.7 -> 46.5 us, q/k/v 14.1 -> 13.7)
+        cfg.update(REP=1)
     return cfg
 
 
@@ -201,28 +214,56 @@ def _plan(qtype: Q, n_out: int, k_in: int, asm: bool, config: tuple) -> tuple:
     return (triton.cdiv(n_out, cfg["BN"]), split), nb, nb * ts, kw
 
 
+def split_k(qtype, n_out: int, k_in: int) -> int:
+    """The split of K the default configuration gives this matrix (> 1: its output is summed
+    with atomics and must start zeroed)."""
+    return _plan(Q(qtype), n_out, k_in, True, ())[0][1]
+
+
+def zero_config(n_zero: int, programs: int) -> tuple[int, int]:
+    """(share, ZB) for zero_share: values per program and store width, for n_zero values over
+    `programs` programs (ZB 0: nothing to zero)."""
+    if not n_zero:
+        return 0, 0
+    share = triton.cdiv(n_zero, programs)
+    return share, min(1024, triton.next_power_of_2(share))
+
+
+def new_quantized(x: torch.Tensor, request: Int8Request) -> QuantizedX:
+    """Empty buffers for x [1, K] in the int8 form (filled by a producing kernel), with the
+    request's output values for the consumer (to be zeroed by the same kernel)."""
+    k = x.numel()
+    dev = x.device
+    return QuantizedX(x, torch.empty(k, dtype=torch.int8, device=dev),
+                      torch.empty(k // 32, dtype=torch.float32, device=dev),
+                      torch.empty(k // 16, dtype=torch.float32, device=dev),
+                      torch.empty(request.n_zero, dtype=torch.float32, device=dev) if request.n_zero else None)
+
+
 def quantize_x(x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [K] (K a multiple of 32) -> (int8 [K], f32 scales [K/32], f32 sums of 16 [K/16]);
     zeroes y (float32) on the way when given."""
     k = x.numel()
     n_groups = k // 32
-    xq = torch.empty(k, dtype=torch.int8, device=x.device)
-    xd = torch.empty(n_groups, dtype=torch.float32, device=x.device)
-    xs = torch.empty(2 * n_groups, dtype=torch.float32, device=x.device)
+    qx = new_quantized(x, Int8Request(0))
     bg = 16
     grid = triton.cdiv(n_groups, bg)
     n = 0 if y is None else y.numel()
-    zb = triton.next_power_of_2(triton.cdiv(n, grid)) if n else 0
+    share, zb = zero_config(n, grid)
     pdl = use_pdl(x)
-    _quantize_x_kernel[(grid,)](x, xq, xd, xs, n_groups, xd if y is None else y, n, BG=bg,
+    _quantize_x_kernel[(grid,)](x, qx.xq, qx.xd, qx.xs, n_groups, qx.xd if y is None else y, n, share, BG=bg,
                                 MASK=n_groups % bg != 0, ZB=zb, PDL=pdl, launch_pdl=pdl, num_warps=4)
-    return xq, xd, xs
+    return qx.xq, qx.xd, qx.xs
 
 
-def qgemv_q8(x: torch.Tensor, w_raw: torch.Tensor, qtype, n_out: int, k_in: int, *,
+def qgemv_q8(x: "torch.Tensor | QuantizedX", w_raw: torch.Tensor, qtype, n_out: int, k_in: int, *,
              config: dict | None = None) -> torch.Tensor:
     """One token x [k_in] or [1, k_in] (bf16/f16/f32) times the GGUF matrix w_raw (uint8 [n_out,
-    row_bytes]) transposed: float32 [1, n_out] (or [n_out])."""
+    row_bytes]) transposed: float32 [1, n_out] (or [n_out]). x may come already in the int8
+    form (a QuantizedX from the kernel that produced it, see tpruntime/qweight.py)."""
+    pre = x if isinstance(x, QuantizedX) else None
+    if pre is not None:
+        x = pre.x
     if x.shape[-1] != k_in or x.numel() != k_in:
         raise ValueError(f"qgemv_q8: x {tuple(x.shape)} is not one token of k_in = {k_in}")
     if not x.dtype.is_floating_point:
@@ -233,17 +274,27 @@ def qgemv_q8(x: torch.Tensor, w_raw: torch.Tensor, qtype, n_out: int, k_in: int,
         raise ValueError(f"qgemv_q8: w_raw must be uint8 with {n_out * row_bytes} bytes ({n_out} rows of {row_bytes})")
     if k_in == 0:  # nothing to sum (and nothing the kernel could load)
         return x.new_zeros(*x.shape[:-1], n_out, dtype=torch.float32)
-    y = torch.empty(n_out, dtype=torch.float32, device=x.device)
-    # The quantize step zeroes y for split-K's atomics, unless that would give its programs
-    # huge tiles (a forced split of a matrix with many rows and few columns): then a memset.
-    zero_in_quantize = grid[1] > 1 and n_out <= 4096 * triton.cdiv(k_in // 32, 16)
-    if grid[1] > 1 and not zero_in_quantize:
-        y.zero_()
-    xq, xd, xs = quantize_x(x.reshape(k_in).contiguous(), y if zero_in_quantize else None)
+    if pre is not None:
+        if pre.xq.numel() != k_in:
+            raise ValueError(f"qgemv_q8: the int8 x holds {pre.xq.numel()} values, not k_in = {k_in}")
+        xq, xd, xs = pre.xq, pre.xd, pre.xs
+        if grid[1] > 1 and pre.y is not None and pre.y.numel() == n_out:
+            y = pre.y  # zeroed by the producer
+        else:
+            y = (torch.zeros if grid[1] > 1 else torch.empty)(n_out, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(n_out, dtype=torch.float32, device=x.device)
+        # The quantize step zeroes y for split-K's atomics, unless that would give its programs
+        # huge tiles (a forced split of a matrix with many rows and few columns): then a memset.
+        zero_in_quantize = grid[1] > 1 and n_out <= 4096 * triton.cdiv(k_in // 32, 16)
+        if grid[1] > 1 and not zero_in_quantize:
+            y.zero_()
+        xq, xd, xs = quantize_x(x.reshape(k_in).contiguous(), y if zero_in_quantize else None)
     if n_out:
         pdl = use_pdl(x)
         _q4k_kernel[grid](xq, xd, xs, w_raw, y, n_out, nb, row_bytes, PDL=pdl, launch_pdl=pdl, **kw)
     return y.reshape(*x.shape[:-1], n_out)
 
 
-__all__ = ["SUPPORTED", "X_DTYPES", "qgemv_q8", "quantize_x", "default_config"]
+__all__ = ["SUPPORTED", "X_DTYPES", "qgemv_q8", "quantize_x", "default_config", "quantize_store", "zero_share",
+           "zero_config", "new_quantized", "split_k"]

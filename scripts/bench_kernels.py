@@ -55,7 +55,8 @@ SWEEP_0 = [dict(BN=2), dict(ORD=1, num_warps=2), dict(BN=8), dict(num_warps=2), 
            dict(BN=4, num_warps=4)]
 # --q8 --sweep: overrides of kernels/gemv_q8.py default_config
 SWEEP_Q8 = [dict(BN=2), dict(REP=1), dict(BN=8, REP=1), dict(BN=2, REP=4), dict(SPLIT_K=1), dict(SPLIT_K=2),
-            dict(SPLIT_K=4), dict(num_warps=2, REP=1), dict(BN=8), dict(BN=2, SPLIT_K=4)]
+            dict(SPLIT_K=4), dict(num_warps=2, REP=1), dict(BN=8), dict(BN=2, SPLIT_K=4), dict(num_warps=2),
+            dict(num_warps=4, REP=1), dict(BN=2, num_warps=2)]
 SWEEP_T = [dict(BN=4, TG=2), dict(BN=2, TG=2), dict(BN=2, TG=4), dict(BN=4, TG=4)]
 # --dequant --sweep: overrides of kernels/dequant.py default_config, as values per program
 # (BB = VALUES / block size) and warps.

@@ -151,3 +151,105 @@ def test_quant_weight_takes_it_for_one_token_of_a_16_bit_model(monkeypatch, mode
     assert rel(out[0], exact) < (2e-2 if int8 else 1e-5)
     w(x.to(DEV).reshape(1, -1).expand(2, -1).contiguous())  # two tokens: the float kernel
     assert len(calls) == int(int8)
+
+
+def _nan_outputs(monkeypatch, *modules):
+    """Make the producers' fresh int8 buffers and zeroed outputs start as NaN: what a kernel
+    fails to write then shows."""
+    from tpruntime.kernels import gemv_q8
+    real = gemv_q8.new_quantized
+
+    def poisoned(x, request):
+        qx = real(x, request)
+        for t in (qx.xd, qx.xs) + ((qx.y,) if qx.y is not None else ()):
+            t.fill_(float("nan"))
+        qx.xq.fill_(-128)
+        return qx
+
+    for m in modules:
+        monkeypatch.setattr(m, "new_quantized", poisoned)
+
+
+def _same_as_quantize_x(qx, n_zero: int, exact_sums: bool = True):
+    """The producer's int8 form equals quantize_x of the values it returned (xq and scales bit
+    for bit; the per-16 sums in another addition order), and its zeroed output is zeros."""
+    xq, xd, xs = quantize_x(qx.x.reshape(-1).contiguous())
+    assert torch.equal(qx.xq, xq) and torch.equal(qx.xd, xd)
+    torch.testing.assert_close(qx.xs, xs, rtol=0 if exact_sums else 1e-6, atol=0 if exact_sums else 1e-5)
+    if n_zero:
+        assert qx.y is not None and qx.y.shape == (n_zero,) and torch.equal(qx.y, torch.zeros_like(qx.y))
+    else:
+        assert qx.y is None
+
+
+@pytest.mark.parametrize("n,n_zero", [(256, 0), (320, 1000)])
+@pytest.mark.parametrize("delta", [False, True])
+def test_norm_writes_the_int8_form(monkeypatch, n, n_zero, delta):
+    """rms_norm / add_rms_norm asked for their output's int8 form (one decode token) write what
+    quantize_x would, from the values rounded to bf16, and zero the next GEMV's output."""
+    from tpruntime.kernels import fused
+    from tpruntime.qweight import Int8Request, QuantizedX
+    _nan_outputs(monkeypatch, fused)
+    g = torch.Generator().manual_seed(n)
+    h = torch.randn(1, n, generator=g).to(DEV)
+    w = (torch.rand(n, generator=g) + 0.5).to(DEV)
+    if delta:
+        d = torch.randn(1, n, generator=g).to(DEV)
+        _, qx = fused.add_rms_norm(h, d, w, 1e-6, out_dtype=torch.bfloat16, q8=Int8Request(n_zero))
+    else:
+        qx = fused.rms_norm(h, w, 1e-6, torch.bfloat16, q8=Int8Request(n_zero))
+    assert isinstance(qx, QuantizedX) and qx.x.shape == (1, n) and qx.x.dtype == torch.bfloat16
+    _same_as_quantize_x(qx, n_zero, exact_sums=False)
+    # two rows (a prompt) or no request: a plain tensor
+    assert isinstance(fused.rms_norm(h.expand(2, -1).contiguous(), w, 1e-6, torch.bfloat16, q8=Int8Request(0)),
+                      torch.Tensor)
+
+
+@pytest.mark.parametrize("n_ff,n_zero", [(1024, 0), (1024, 700), (96, 64)])
+def test_act_mul_writes_the_int8_form(monkeypatch, n_ff, n_zero):
+    from tpruntime.kernels import fused
+    from tpruntime.qweight import Int8Request
+    _nan_outputs(monkeypatch, fused)
+    gu = torch.randn(1, 2 * n_ff, generator=torch.Generator().manual_seed(n_ff)).to(DEV)
+    qx = fused.act_mul(gu, n_ff, "silu", torch.bfloat16, q8=Int8Request(n_zero))
+    _same_as_quantize_x(qx, n_zero, exact_sums=False)
+    torch.testing.assert_close(qx.x, fused.act_mul(gu, n_ff, "silu", torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_zero", [0, 300])
+def test_decode_attention_writes_the_int8_form(monkeypatch, n_zero):
+    from tpruntime.kernels import attention
+    from tpruntime.qweight import Int8Request
+    _nan_outputs(monkeypatch, attention)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(4, 64, generator=g).to(DEV)
+    k = torch.randn(2, 48, 64, generator=g).to(DEV)
+    v = torch.randn(2, 48, 64, generator=g).to(DEV)
+    n_keys = torch.tensor([40], device=DEV)
+    qx = attention.decode_attention(q, k, v, n_keys, 0.125, q8=Int8Request(n_zero))
+    assert qx.x.shape == (1, 4 * 64)
+    _same_as_quantize_x(qx, n_zero, exact_sums=False)
+    torch.testing.assert_close(qx.x.reshape(4, 64), attention.decode_attention(q, k, v, n_keys, 0.125),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_quant_weight_reads_a_producers_int8_form(split):
+    """A QuantizedX input skips the GEMV's own rounding of x and gives the same product; with
+    split-K the producer's zeroed output is where the sum lands."""
+    from tpruntime.kernels.gemv_q8 import new_quantized
+    from tpruntime.qweight import Int8Request, QuantWeight
+    x, raw = case(8, 1024, seed=13)
+    w = QuantWeight(torch.from_numpy(raw).to(DEV), Q.Q4_K, 8, 1024, torch.bfloat16)
+    cfg = dict(SPLIT_K=split)
+    x = x.to(DEV).reshape(1, -1)
+    qx = new_quantized(x, Int8Request(8 if split > 1 else 0))
+    xq, xd, xs = quantize_x(x.reshape(-1))
+    qx.xq.copy_(xq), qx.xd.copy_(xd), qx.xs.copy_(xs)
+    if qx.y is not None:
+        qx.y.zero_()
+    got = qgemv_q8(qx, w.raw, Q.Q4_K, 8, 1024, config=cfg)
+    assert torch.equal(got, qgemv_q8(x, w.raw, Q.Q4_K, 8, 1024, config=cfg))
+    if split > 1:
+        assert got.data_ptr() == qx.y.data_ptr()
+    assert torch.equal(w(qx), qgemv_q8(x, w.raw, Q.Q4_K, 8, 1024))

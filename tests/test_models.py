@@ -210,3 +210,32 @@ def test_cuda_dependent_launches_equal_ordinary_ones(tmp_path, monkeypatch):
         outs[pdl] = _prefill_then_decode(lm, prompt, steps)
         del lm
     assert torch.equal(outs[True], outs[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_int8_inputs_from_their_producers(tmp_path, monkeypatch):
+    """In a bf16 decode step the norms, the activation and the attention merge write the int8
+    form of their output for the GEMV after them (no quantize launches are left); the logits
+    equal those of GEMVs that round x themselves, up to the order of the per-16 sums."""
+    from tpruntime.kernels import gemv_q8
+    from tpruntime.qweight import QuantWeight
+    from tpruntime.synthetic import write_model
+    path = str(write_model(tmp_path / "q4k.gguf", "tiny-qwen3", qtype="Q4_K", seed=3, target_std=0.05))
+    g = torch.Generator().manual_seed(14)
+    prompt = torch.randint(0, 200, (20,), generator=g).tolist()
+    steps = torch.randint(0, 200, (8,), generator=g).tolist()
+    real = gemv_q8.quantize_x
+    calls = []
+    monkeypatch.setattr(gemv_q8, "quantize_x", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lm = load_model(path, n_ctx=128, device="cuda", dtype="bf16", progress=False, cuda_graphs=False)
+    prefill(lm, prompt, n_ubatch=64)
+    calls.clear()
+    fused = torch.cat([lm.forward(torch.tensor([t]), len(prompt) + i).clone() for i, t in enumerate(steps)])
+    assert not calls
+    monkeypatch.setattr(QuantWeight, "int8_request", lambda self, n: None)
+    prefill(lm, prompt, n_ubatch=64)
+    own = torch.cat([lm.forward(torch.tensor([t]), len(prompt) + i).clone() for i, t in enumerate(steps)])
+    assert calls  # the GEMVs rounded x themselves
+    err = ((fused - own).abs().max(dim=-1).values / own.abs().max(dim=-1).values).max().item()
+    assert err < 1e-3, err

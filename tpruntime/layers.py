@@ -13,7 +13,7 @@ from .comm import Comm
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .plan import LayerShard
-from .qweight import QuantWeight, matmul
+from .qweight import QuantWeight, QuantizedX, dense, int8_request, matmul
 
 Weights = dict[str, "torch.Tensor | QuantWeight"]
 
@@ -37,6 +37,10 @@ class ColumnLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return matmul(x, self.parts[0]) if len(self.parts) == 1 else torch.cat([matmul(x, w) for w in self.parts], -1)
 
+    def int8_request(self, n_tokens: int):
+        """What to ask of the kernel producing this product's input (tpruntime/qweight.py)."""
+        return int8_request(self.parts, n_tokens)
+
 
 class RowLinear:
     """Sharded-to-all: this rank's input slice; the partial products are summed over ranks."""
@@ -46,6 +50,9 @@ class RowLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.comm.all_reduce(matmul(x, self.weight))
+
+    def int8_request(self, n_tokens: int):
+        return int8_request([self.weight], n_tokens)
 
 
 @dataclass(frozen=True)
@@ -117,10 +124,11 @@ class Attention:
         # graph serves every position; it takes query heads in whole groups.
         self.reads_n_keys = ops.decode_attention is not None and self.whole_groups and self.n_head > 0
 
-    def __call__(self, x: torch.Tensor, p: Positions, cache: KVCache) -> torch.Tensor:
-        T = x.shape[0]
+    def __call__(self, x: "torch.Tensor | QuantizedX", p: Positions, cache: KVCache) -> torch.Tensor:
+        """x: the normed input (with its int8 form when the q/k/v product asked for one)."""
+        T = dense(x).shape[0]
         if self.n_head == 0:  # this rank sits the layer's attention out: it adds nothing
-            return self.attn_output(x.new_zeros(T, 0))
+            return self.attn_output(dense(x).new_zeros(T, 0))
         k_cache, v_cache = cache.k[self.il], cache.v[self.il]
         q = self.ops.qk_norm_rope_store(
             self.attn_qkv(x), self.n_head, self.n_head_kv, self.head_dim, self.head_dim_v,
@@ -130,8 +138,9 @@ class Attention:
         if T == 1 and self.reads_n_keys:
             if "n_keys" not in p.memo:
                 p.memo["n_keys"] = p.pos + 1
-            out = self.ops.decode_attention(q[0], k_cache, v_cache, p.memo["n_keys"], self.scale, self.window)
-            return self.attn_output(out.reshape(1, -1))
+            out = self.ops.decode_attention(q[0], k_cache, v_cache, p.memo["n_keys"], self.scale, self.window,
+                                            q8=self.attn_output.int8_request(1))
+            return self.attn_output(out if isinstance(out, QuantizedX) else out.reshape(1, -1))
 
         start = max(0, p.first - self.window + 1) if self.window and p.first is not None else 0
         keys, values = cache.view(self.il, start, p.k_stop)  # [n_head_kv, S, d]
@@ -140,6 +149,7 @@ class Attention:
         # A later chunk of a prompt (the keys are the cache up to its last position) is causal
         # aligned to the bottom right, which flash attention also masks itself on CUDA; the
         # CPU has no kernel for that alignment, so it builds the mask.
+        x = dense(x)
         lower_right = (not causal and T > 1 and not self.window and p.first is not None and x.is_cuda
                        and p.k_stop == p.first + T and self.whole_groups)
         # The bottom-right causal mask runs in flash attention (which also broadcasts grouped KV
@@ -190,8 +200,10 @@ class GatedFFN:
         self.n_ff = self.ffn_gate_up.sizes[0]
         self.act, self.ops, self.dtype = cfg.activation, ops, dtype
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_down(self.ops.act_mul(self.ffn_gate_up(x), self.n_ff, self.act, self.dtype))
+    def __call__(self, x: "torch.Tensor | QuantizedX") -> torch.Tensor:
+        gate_up = self.ffn_gate_up(x)
+        return self.ffn_down(self.ops.act_mul(gate_up, self.n_ff, self.act, self.dtype,
+                                              q8=self.ffn_down.int8_request(gate_up.shape[0])))
 
 
 # A block output not yet added to the residual stream, with the post-norm weight to apply first.
@@ -218,19 +230,23 @@ class DecoderBlock:
                  cache: KVCache) -> tuple[torch.Tensor, Pending]:
         """h: the float32 residual stream (updated in place); pending: the previous block's
         output still to be added (or None). Returns h and this block's pending output."""
-        h, x = add_norm(self.ops, h, pending, self.attn_norm, self.eps, self.dtype)
+        # Each norm also writes its output in the int8 form where the next product asks for it.
+        T = h.shape[0]
+        h, x = add_norm(self.ops, h, pending, self.attn_norm, self.eps, self.dtype,
+                        q8=self.attn.attn_qkv.int8_request(T))
         a = self.attn(x, p, cache)
         h, x = self.ops.add_rms_norm(h, a, self.ffn_norm, self.eps, post_weight=self.post_attention_norm,
-                                     out_dtype=self.dtype)
+                                     out_dtype=self.dtype, q8=self.ffn.ffn_gate_up.int8_request(T))
         return h, (self.ffn(x), self.post_ffw_norm)
 
 
-def add_norm(ops, h: torch.Tensor, pending: Pending, weight: torch.Tensor, eps: float, dtype: torch.dtype):
+def add_norm(ops, h: torch.Tensor, pending: Pending, weight: torch.Tensor, eps: float, dtype: torch.dtype,
+             q8=None):
     """(h + pending, rms_norm of that * weight), the add fused into the norm where there is one."""
     if pending is None:
-        return h, ops.rms_norm(h, weight, eps, dtype)
+        return h, ops.rms_norm(h, weight, eps, dtype, q8=q8)
     delta, post = pending
-    return ops.add_rms_norm(h, delta, weight, eps, post_weight=post, out_dtype=dtype)
+    return ops.add_rms_norm(h, delta, weight, eps, post_weight=post, out_dtype=dtype, q8=q8)
 
 
 def settle(ops, h: torch.Tensor, pending: Pending, eps: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .loader import load_quantized, load_raw_rows, load_tensor
 from .models import model_config
 from .ops import ops_for
 from .plan import PlanOptions, RankShard, make_plan
-from .qweight import keeps_quantized, matmul
+from .qweight import int8_request, keeps_quantized, matmul
 from .quants import dequantize
 from .tensors import dense_tensor_table, resolve
 
@@ -134,7 +134,8 @@ class Transformer:
             if n_out < h.shape[0]:  # only the last rows reach the head
                 h = h[-n_out:]
                 pending = pending and (pending[0][-n_out:], pending[1])
-            _, x = add_norm(self.ops, h, pending, self.output_norm, self.cfg.norm_eps, self.dtype)
+            _, x = add_norm(self.ops, h, pending, self.output_norm, self.cfg.norm_eps, self.dtype,
+                            q8=int8_request([self.output], h.shape[0]))
             logits = matmul(x, self.output)
         else:
             self.comm.send_hidden(settle(self.ops, h, pending, self.cfg.norm_eps), shard.rank + 1)

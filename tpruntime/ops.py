@@ -21,16 +21,19 @@ ACTIVATIONS = {
 
 
 class TorchOps:
+    """(`q8`, the next product's request for its input in int8 form, is the fused kernels'
+    business: the reference returns plain tensors and the product rounds x itself.)"""
+
     fused = False
 
     @staticmethod
-    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype, q8=None) -> torch.Tensor:
         # torch's fused kernel: one launch on CUDA where the spelled-out formula takes six.
         return F.rms_norm(x.float(), weight.shape, weight, eps).to(out_dtype)
 
     @classmethod
     def add_rms_norm(cls, h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
-                     post_weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32):
+                     post_weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32, q8=None):
         """h += (post-normed) delta, in place; returns (h, rms_norm(h) * weight)."""
         if post_weight is not None:
             delta = cls.rms_norm(delta, post_weight, eps, torch.float32)
@@ -71,7 +74,7 @@ class TorchOps:
 
     @staticmethod
     def act_mul(gate_up: torch.Tensor, n_ff: int, act: str = "silu",
-                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.float32, q8=None) -> torch.Tensor:
         gate, up = gate_up.float().split([n_ff, n_ff], dim=-1)
         return (ACTIVATIONS[act](gate) * up).to(out_dtype)
 

@@ -10,6 +10,8 @@ matmul's time and no memory stays behind).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from gguf.constants import GGML_QUANT_SIZES
@@ -29,6 +31,28 @@ SCRATCH_ELEMENTS = 1 << 26
 INT8_ACTIVATIONS = True
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+class Int8Request(NamedTuple):
+    """What a GEMV that rounds its one-token input to int8 (kernels/gemv_q8.py) asks of the kernel
+    that produces that input: write it in the int8 form too (one launch fewer per matrix), and
+    zero the first n_zero values of the GEMV's output for its split-K atomics (0: none)."""
+    n_zero: int
+
+
+class QuantizedX(NamedTuple):
+    """A one-token activation x [1, K] together with its int8 form: xq int8 [K], xd f32 [K/32]
+    (scale per 32), xs f32 [K/16] (sums per 16), and y, the consumer's zeroed output (or None)."""
+    x: torch.Tensor
+    xq: torch.Tensor
+    xd: torch.Tensor
+    xs: torch.Tensor
+    y: torch.Tensor | None
+
+
+def dense(x: "torch.Tensor | QuantizedX") -> torch.Tensor:
+    """The activation itself, whether or not it comes with its int8 form."""
+    return x.x if isinstance(x, QuantizedX) else x
 
 
 def keeps_quantized(spec: TensorSpec, qtype: Q, kernels: bool) -> bool:
@@ -63,20 +87,33 @@ class QuantWeight:
         return QuantWeight(torch.cat([p.raw for p in parts]), parts[0].qtype,
                            sum(p.n_out for p in parts), parts[0].k_in, parts[0].dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, k_in] -> float32 [T, n_out]."""
+    def takes_int8(self, n_tokens: int) -> bool:
+        """Whether a step of n_tokens goes through the int8-x GEMV: one token of a 16-bit model
+        (x rounded to int8, as llama.cpp does; also where x arrives in float32, as the attention
+        output does) meets the weights in integer dot products; a float32 model keeps the exact
+        float kernel."""
+        from .kernels.gemv_q8 import SUPPORTED, X_DTYPES
+        return (INT8_ACTIVATIONS and n_tokens == 1 and self.dtype in X_DTYPES and self.qtype in SUPPORTED
+                and self.n_out > 0 and self.k_in > 0)
+
+    def int8_request(self, n_tokens: int) -> Int8Request | None:
+        """What to ask of the kernel producing this matrix's input (None: a plain tensor)."""
+        if not self.takes_int8(n_tokens):
+            return None
+        from .kernels.gemv_q8 import split_k
+        return Int8Request(self.n_out if split_k(self.qtype, self.n_out, self.k_in) > 1 else 0)
+
+    def __call__(self, x: "torch.Tensor | QuantizedX") -> torch.Tensor:
+        """x [T, k_in] (or one token with its int8 form) -> float32 [T, n_out]."""
         from .kernels.dequant import dequantize_rows
         from .kernels.gemv import qgemv
-        from .kernels.gemv_q8 import SUPPORTED as Q8_TYPES
-        from .kernels.gemv_q8 import X_DTYPES, qgemv_q8
+        from .kernels.gemv_q8 import qgemv_q8
 
+        if self.takes_int8(dense(x).shape[0]):
+            return qgemv_q8(x, self.raw, self.qtype, self.n_out, self.k_in)
+        x = dense(x)
         if self.n_out == 0 or self.k_in == 0:  # an empty slice adds nothing, as with F.linear
             return x.new_zeros(x.shape[0], self.n_out, dtype=torch.float32)
-        if INT8_ACTIVATIONS and x.shape[0] == 1 and self.dtype in X_DTYPES and self.qtype in Q8_TYPES:
-            # A 16-bit model's token meets the weights in integer dot products (x rounded to
-            # int8, as llama.cpp does; also where x arrives in float32, as the attention output
-            # does); a float32 model keeps the exact float kernel.
-            return qgemv_q8(x, self.raw, self.qtype, self.n_out, self.k_in)
         if x.shape[0] <= GEMV_MAX_TOKENS:
             return qgemv(x, self.raw, self.qtype, self.n_out, self.k_in)
         x = x.to(self.dtype)
@@ -97,8 +134,18 @@ class QuantWeight:
         return out
 
 
-def matmul(x: torch.Tensor, w: "torch.Tensor | QuantWeight") -> torch.Tensor:
+def matmul(x: "torch.Tensor | QuantizedX", w: "torch.Tensor | QuantWeight") -> torch.Tensor:
     """x @ w.T in float32 for a dense or a quantized weight."""
     if isinstance(w, QuantWeight):
         return w(x)
-    return F.linear(x.to(w.dtype), w).float()
+    return F.linear(dense(x).to(w.dtype), w).float()
+
+
+def int8_request(weights: list, n_tokens: int) -> Int8Request | None:
+    """The request for an input that all of `weights` read: one matrix's own, or, for several
+    (Q4_K_M's mixed q/k/v), the int8 form without a zeroed output if any of them takes it."""
+    if len(weights) == 1:
+        return weights[0].int8_request(n_tokens) if isinstance(weights[0], QuantWeight) else None
+    if any(isinstance(w, QuantWeight) and w.takes_int8(n_tokens) for w in weights):
+        return Int8Request(0)
+    return None
