@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import TINY_SHAPES, gemma_path
 from tpruntime.errors import TpError
@@ -197,3 +198,19 @@ def test_each_rank_holds_exactly_its_planned_bytes(tiny_models, kw):
     whole, _ = _plan(tiny_models["tiny-gemma3"], world_size=1)
     total = whole.resident_bytes(0, gf, 4)
     assert max(held) < total <= sum(held)
+
+
+def test_each_rank_makes_its_gpu_current(monkeypatch):
+    """A rank's GPU becomes the current device: Triton launches on the current device and
+    cannot reach another GPU's memory (rank 1's first kernel failed on 2 H200s before this),
+    while torch ops follow their tensors and never showed it."""
+    from tpruntime.model import resolve_device
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0) and current[-1] == torch.device("cuda", 0)
+    assert resolve_device("cpu", local_rank=1) == torch.device("cpu") and len(current) == 2
+    with pytest.raises(TpError, match="needs GPU 2"):
+        resolve_device("cuda", local_rank=2)

@@ -214,6 +214,9 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
             raise TpError(f"local rank {local_rank} needs GPU {index} but this host has {n}: "
                           "use at most one process per GPU", local=True)
         dev = torch.device("cuda", index)
+        # Triton launches on the current device and cannot reach another GPU's memory; torch
+        # ops follow their tensors, so without this only kernels of ranks > 0 failed.
+        torch.cuda.set_device(dev)
     return dev
 
 
