@@ -60,6 +60,10 @@ def symm_mem_one_shot(n: int, dtype: torch.dtype, device: torch.device, src: tor
         buf = symm_mem.empty(n, dtype=dtype, device=device)
         symm_mem.rendezvous(buf, group.group_name)
         buf.copy_(src)
+        # every peer's copy done before the checked call (the 2-GPU run of 2026-11-23 saw this
+        # result differ from the exact sum; a peer's buffer read before its copy would do that)
+        torch.cuda.synchronize(device)
+        dist.barrier()
         out = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name)
         return lambda: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name), out
     except Exception as e:  # reported in the table: an unsupported build, no P2P, ...
