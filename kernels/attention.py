@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tpruntime.kernels.common import interpreting, use_pdl, wait_inputs
+from tpruntime.kernels.common import interpreting, launch_kw, use_pdl, wait_inputs
 from tpruntime.kernels.gemv_q8 import new_quantized, quantize_store, zero_config, zero_share
 from tpruntime.qweight import Int8Request, QuantizedX
 
@@ -280,13 +280,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         G=p["group"], D=head_dim, DV=head_dim_v, PART=part, BLOCK_H=p["block_h"], BLOCK_D=p["block_d"],
         BLOCK_DV=p["block_dv"], BLOCK_N=p["block_n"], DOT=p["dot"],
         # (Triton's interpreter multiplies bf16 tl.dot operands as their integer bit patterns)
-        IEEE=p["dot"] and k_cache.dtype == torch.float32, WIDEN=interpreting(), PDL=pdl, launch_pdl=pdl,
+        IEEE=p["dot"] and k_cache.dtype == torch.float32, WIDEN=interpreting(), PDL=pdl, **launch_kw(pdl),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES if p["dot"] else 1)
     _merge_kernel[(n_head,)](
         n_keys, scratch, out, n_ctx, window, ns, p["min_chunk"], out.stride(0),
         *(qx[1:4] if qx else (out,) * 3), qx.y if qx and qx.y is not None else out, q8.n_zero if qx else 0, share,
         DV=head_dim_v, PART=part, BLOCK_DV=p["block_dv"], BLOCK_S=32 if p["block_dv"] <= 128 else 16,
-        BLOCK_N=p["block_n"], PDL=pdl, launch_pdl=pdl, Q8=qx is not None, ZB=zb, num_warps=4)
+        BLOCK_N=p["block_n"], PDL=pdl, **launch_kw(pdl), Q8=qx is not None, ZB=zb, num_warps=4)
     return out if qx is None else qx
 
 

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # Triton >= 3.4 (griddepcontrol); without it kernels launch the ordinary way
+try:  # Triton >= 3.4 (griddepcontrol); without it kernels launch the ordinary way (launch_kw)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - old Triton
     gdc_launch_dependents = gdc_wait = None
@@ -28,8 +28,9 @@ def _sm90(index: int) -> bool:
 
 
 def hopper(t: torch.Tensor) -> bool:
-    """Whether t is on an sm_90 or newer GPU and kernels are compiled (not interpreted)."""
-    return t.is_cuda and not interpreting() and _sm90(
+    """Whether t is on an NVIDIA sm_90 or newer GPU (ROCm reports its own capabilities) and
+    kernels are compiled (not interpreted)."""
+    return t.is_cuda and torch.version.hip is None and not interpreting() and _sm90(
         t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
@@ -48,6 +49,12 @@ def use_pdl(t: torch.Tensor) -> bool:
     before the wait (8.97 / 2.36 ms: chains of waiting programs crowd the SMs), and GEMVs that
     bulk-prefetch their rows into L2 before the wait (8.37 / 2.49 ms)."""
     return PDL and gdc_wait is not None and hopper(t)
+
+
+def launch_kw(pdl: bool) -> dict:
+    """The launch keyword for a dependent launch, only when asked: a Triton without PDL (older
+    than 3.4, or ROCm's) rejects the keyword even as False."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 @triton.jit

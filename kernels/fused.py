@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tpruntime.kernels.common import interpreting, use_pdl, wait_inputs
+from tpruntime.kernels.common import interpreting, launch_kw, use_pdl, wait_inputs
 from tpruntime.kernels.gemv_q8 import new_quantized, quantize_store, zero_config, zero_share
 from tpruntime.qweight import Int8Request, QuantizedX
 
@@ -165,7 +165,7 @@ def _launch_norm(x2, d2, pw, w, out2, eps, max_tile, q8: Int8Request | None = No
         x2, d2 if d2 is not None else dummy, pw if pw is not None else dummy, w, out2, n, float(eps),
         x2.stride(0), d2.stride(0) if d2 is not None else 0, out2.stride(0),
         *(qx[1:4] if qx else (dummy,) * 3), qx.y if qx and qx.y is not None else dummy, q8.n_zero if qx else 0,
-        HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=pdl, launch_pdl=pdl,
+        HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=pdl, **launch_kw(pdl),
         Q8=qx is not None, ZB=zero_config(q8.n_zero, 1)[1] if qx else 0, **cfg)
     return qx
 
@@ -319,7 +319,7 @@ def qk_norm_rope_store(qkv: torch.Tensor, n_head: int, n_head_kv: int, head_dim:
         n_head, n_head_kv, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), float(eps),
         D=head_dim, DV=head_dim_v, ROPE=rope_dim, NEOX=bool(neox), HAS_BIAS=bias is not None,
-        HAS_NORM=q_norm is not None, RNE=interpreting(), PDL=use_pdl(qkv), launch_pdl=use_pdl(qkv),
+        HAS_NORM=q_norm is not None, RNE=interpreting(), PDL=use_pdl(qkv), **launch_kw(use_pdl(qkv)),
         **_head_config(head_dim, head_dim_v))
     return q
 
@@ -386,7 +386,7 @@ def act_mul(gate_up: torch.Tensor, n_ff: int, act: str = "silu",
         _act_mul_kernel[grid](
             g2, out, n_ff, g2.stride(0), n_ff, *(qx[1:4] if qx else (out,) * 3),
             qx.y if qx and qx.y is not None else out, q8.n_zero if qx else 0, share,
-            ACT=_ACTS[act], RNE=interpreting(), PDL=pdl, launch_pdl=pdl, Q8=qx is not None, ZB=zb, **cfg)
+            ACT=_ACTS[act], RNE=interpreting(), PDL=pdl, **launch_kw(pdl), Q8=qx is not None, ZB=zb, **cfg)
     return _with_int8(out, qx)
 
 

@@ -31,7 +31,8 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from tpruntime.kernels import QUANT_KERNEL_TYPES
-from tpruntime.kernels.common import interpreting, k4_header, masked_load, row_offsets, use_pdl, wait_inputs
+from tpruntime.kernels.common import (interpreting, k4_header, launch_kw, masked_load, row_offsets, use_pdl,
+                                      wait_inputs)
 from tpruntime.quants import dequantize
 
 SUPPORTED = QUANT_KERNEL_TYPES
@@ -456,7 +457,7 @@ def qgemv(x: torch.Tensor, w_raw: torch.Tensor, qtype, n_out: int, k_in: int, *,
     if n_tok and n_out:
         pdl = use_pdl(x2)
         _qgemv_kernel[grid](x2, w_raw, y, n_tok, n_out, nb, row_bytes, x2.stride(0), n_iter, PDL=pdl,
-                            launch_pdl=pdl, **kw)
+                            **launch_kw(pdl), **kw)
     return y.reshape(*lead, n_out)
 
 

@@ -35,7 +35,8 @@ import triton.language as tl
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
-from tpruntime.kernels.common import interpreting, k4_header, masked_load, row_offsets, use_pdl, wait_inputs
+from tpruntime.kernels.common import (interpreting, k4_header, launch_kw, masked_load, row_offsets, use_pdl,
+                                      wait_inputs)
 from tpruntime.qweight import Int8Request, QuantizedX
 
 SUPPORTED = frozenset({Q.Q4_K})
@@ -252,7 +253,7 @@ def quantize_x(x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Te
     share, zb = zero_config(n, grid)
     pdl = use_pdl(x)
     _quantize_x_kernel[(grid,)](x, qx.xq, qx.xd, qx.xs, n_groups, qx.xd if y is None else y, n, share, BG=bg,
-                                MASK=n_groups % bg != 0, ZB=zb, PDL=pdl, launch_pdl=pdl, num_warps=4)
+                                MASK=n_groups % bg != 0, ZB=zb, PDL=pdl, **launch_kw(pdl), num_warps=4)
     return qx.xq, qx.xd, qx.xs
 
 
@@ -292,7 +293,7 @@ def qgemv_q8(x: "torch.Tensor | QuantizedX", w_raw: torch.Tensor, qtype, n_out: 
         xq, xd, xs = quantize_x(x.reshape(k_in).contiguous(), y if zero_in_quantize else None)
     if n_out:
         pdl = use_pdl(x)
-        _q4k_kernel[grid](xq, xd, xs, w_raw, y, n_out, nb, row_bytes, PDL=pdl, launch_pdl=pdl, **kw)
+        _q4k_kernel[grid](xq, xd, xs, w_raw, y, n_out, nb, row_bytes, PDL=pdl, **launch_kw(pdl), **kw)
     return y.reshape(*x.shape[:-1], n_out)
 
 

@@ -10,6 +10,13 @@ import torch
 from conftest import TINY_SHAPES, fixture_path, gemma_path
 from tpruntime.generate import prefill
 from tpruntime.model import load_model
+from tpruntime.synthetic import Shape
+
+# Shapes whose int8-x GEMVs split K (<= 4096 rows of >= 16 Q4_K blocks), so the kernel before
+# each zeroes its output: q/k/v (from the attention norm), ffn_down (from the activation) and
+# the head in the first; the attention output (from the attention merge) in the second.
+SPLIT_K_SHAPES = [Shape("qwen3", 4096, 1, 16, 4, 128, 4096, 4096, rope_base=1000000.0),
+                  Shape("qwen3", 2048, 1, 16, 8, 256, 2048, 4096, rope_base=1000000.0)]
 
 
 def greedy(lm, prompt: list[int], n: int) -> list[int]:
@@ -193,12 +200,16 @@ def test_cuda_bf16_int8_gemv_error_within_bf16s(tmp_path, monkeypatch):
                     reason="needs a CUDA device of sm_90 or newer (programmatic dependent launch)")
 def test_cuda_dependent_launches_equal_ordinary_ones(tmp_path, monkeypatch):
     """Decode graphs whose kernels launch as programmatic dependents (each places its programs
-    while the previous kernel finishes, the GEMVs load weights before waiting) give bit for bit
-    the logits of ordinary launches, over hundreds of replays: a kernel that read or wrote
-    before its wait would show as stale or torn activations."""
+    while the previous kernel finishes, the GEMVs load their first weights before waiting) give
+    bit for bit the logits of ordinary launches, over hundreds of replays, on a shape whose
+    GEMVs split K (their outputs zeroed by the kernel before them, then summed with atomics):
+    a kernel that started on its inputs or outputs before the previous one finished would show
+    as stale or torn activations."""
     from tpruntime.kernels import common
     from tpruntime.synthetic import write_model
-    path = str(write_model(tmp_path / "q4k.gguf", "tiny-qwen3", qtype="Q4_K", seed=8, target_std=0.05))
+    if common.gdc_wait is None:
+        pytest.skip("this Triton has no griddepcontrol (PDL needs Triton >= 3.4)")
+    path = str(write_model(tmp_path / "q4k.gguf", SPLIT_K_SHAPES[0], qtype="Q4_K", seed=8, target_std=0.05))
     g = torch.Generator().manual_seed(12)
     prompt = torch.randint(0, 200, (30,), generator=g).tolist()
     steps = torch.randint(0, 200, (400,), generator=g).tolist()
@@ -214,14 +225,16 @@ def test_cuda_dependent_launches_equal_ordinary_ones(tmp_path, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_int8_inputs_from_their_producers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("shape", ["tiny-qwen3", *SPLIT_K_SHAPES])
+def test_cuda_int8_inputs_from_their_producers(tmp_path, monkeypatch, shape):
     """In a bf16 decode step the norms, the activation and the attention merge write the int8
-    form of their output for the GEMV after them (no quantize launches are left); the logits
-    equal those of GEMVs that round x themselves, up to the order of the per-16 sums."""
+    form of their output for the GEMV after them (no quantize launches are left), zeroing its
+    output where it splits K; the logits equal those of GEMVs that round x themselves, up to
+    the order of the per-16 sums."""
     from tpruntime.kernels import gemv_q8
     from tpruntime.qweight import QuantWeight
     from tpruntime.synthetic import write_model
-    path = str(write_model(tmp_path / "q4k.gguf", "tiny-qwen3", qtype="Q4_K", seed=3, target_std=0.05))
+    path = str(write_model(tmp_path / "q4k.gguf", shape, qtype="Q4_K", seed=3, target_std=0.05))
     g = torch.Generator().manual_seed(14)
     prompt = torch.randint(0, 200, (20,), generator=g).tolist()
     steps = torch.randint(0, 200, (8,), generator=g).tolist()
@@ -239,3 +252,16 @@ def test_cuda_int8_inputs_from_their_producers(tmp_path, monkeypatch):
     assert calls  # the GEMVs rounded x themselves
     err = ((fused - own).abs().max(dim=-1).values / own.abs().max(dim=-1).values).max().item()
     assert err < 1e-3, err
+
+
+def test_split_k_shapes_split_where_they_say():
+    """SPLIT_K_SHAPES keep their promise (else the GPU tests above would not reach the zeroing)."""
+    pytest.importorskip("triton")
+    from gguf.constants import GGMLQuantizationType as Q
+
+    from tpruntime.kernels.gemv_q8 import split_k
+    a, b = SPLIT_K_SHAPES
+    qkv = lambda s: (s.n_head + 2 * s.n_head_kv) * s.head_dim  # noqa: E731
+    assert split_k(Q.Q4_K, qkv(a), a.n_embd) > 1 and split_k(Q.Q4_K, a.n_embd, a.n_ff) > 1
+    assert split_k(Q.Q4_K, 256, a.n_embd) > 1  # the head over a byte vocabulary
+    assert split_k(Q.Q4_K, b.n_embd, b.n_head * b.head_dim) > 1
