@@ -1,6 +1,8 @@
-"""All-reduce latency for decode-sized messages: the runtime's own path (tpruntime.comm's
-DistComm.all_reduce, NCCL on CUDA, gloo on the CPU) and, on CUDA, torch's symmetric-memory
-one-shot all-reduce (the library to beat, issue 13), per message size and reduce dtype.
+"""All-reduce latency for decode-sized messages: the runtime's own paths (tpruntime.comm's
+DistComm.all_reduce: NCCL on CUDA, gloo on the CPU; and on CUDA its one-shot path, what
+`--all-reduce symm-mem` takes, cast and copy included) and torch's bare symmetric-memory
+one-shot op on a prepared buffer (the library to beat, issue 13), per message size and reduce
+dtype.
 
     torchrun --nproc-per-node 2 scripts/bench_allreduce.py [--sizes 4K 16K 64K 256K 1M]
         [--reduce-type f32 bf16] [--iters 200] [--out DIR]
@@ -60,10 +62,6 @@ def symm_mem_one_shot(n: int, dtype: torch.dtype, device: torch.device, src: tor
         buf = symm_mem.empty(n, dtype=dtype, device=device)
         symm_mem.rendezvous(buf, group.group_name)
         buf.copy_(src)
-        # every peer's copy done before the checked call (the 2-GPU run of 2026-11-23 saw this
-        # result differ from the exact sum; a peer's buffer read before its copy would do that)
-        torch.cuda.synchronize(device)
-        dist.barrier()
         out = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name)
         return lambda: torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group.group_name), out
     except Exception as e:  # reported in the table: an unsupported build, no P2P, ...
@@ -79,13 +77,16 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
-    from tpruntime.comm import REDUCE_DTYPES, DistComm
+    import torch.distributed as dist
+
+    from tpruntime.comm import REDUCE_DTYPES, DistComm, OneShotAllReduce
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}") if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # one process group for the run; the reduce dtype is an attribute of the comm object
     comm = DistComm(device, reduce_type=args.reduce_type[0])
+    one_shots = {}  # wire dtype -> the runtime's one-shot path
     rows = []
     for rt in args.reduce_type:
         dtype = comm.reduce_dtype = REDUCE_DTYPES[rt]
@@ -99,7 +100,17 @@ def main() -> None:
             row["runtime_exact"] = bool(torch.equal(got.to(dtype), want))
             row["runtime_us"] = 1e6 * time_per_call(lambda: comm.all_reduce(x), args.iters, device)
             if device.type == "cuda":
-                fn, res = symm_mem_one_shot(n, dtype, device, x)
+                try:
+                    if dtype not in one_shots:
+                        one_shots[dtype] = OneShotAllReduce(dist.group.WORLD, device, dtype)
+                    os_ar = one_shots[dtype]
+                    row["one_shot_exact"] = bool(torch.equal(os_ar(fill(n, comm.rank, dtype, device)), want))
+                    row["one_shot_us"] = 1e6 * time_per_call(lambda: os_ar(x), args.iters, device)
+                except Exception as e:  # reported in the table
+                    row["one_shot"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+                # fresh data: the runtime's all-reduce sums in place when no cast is needed, so x
+                # now holds the sum (the 2-GPU run of 2026-11-23 reported "not exact" from that)
+                fn, res = symm_mem_one_shot(n, dtype, device, fill(n, comm.rank, dtype, device))
                 if fn is None:
                     row["symm_mem"] = res
                 else:
@@ -111,12 +122,15 @@ def main() -> None:
     if comm.rank == 0:
         lines = [f"all-reduce, {comm.world_size} ranks, {device.type}; µs per call "
                  f"({'CUDA-graph replays' if device.type == 'cuda' else f'eager loop of {args.iters}'})", "",
-                 "| bytes | reduce | runtime (NCCL/gloo) µs | exact | torch symm-mem one-shot µs | exact |",
-                 "|---|---|---|---|---|---|"]
+                 "| bytes | reduce | runtime NCCL/gloo µs | exact | runtime one-shot µs | exact "
+                 "| torch symm-mem one-shot op µs | exact |",
+                 "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            sm = (f"{r['symm_mem_us']:.1f} | {r['symm_mem_exact']}" if "symm_mem_us" in r
-                  else f"{r.get('symm_mem', 'not on CPU')} | –")
-            lines.append(f"| {r['bytes']} | {r['reduce']} | {r['runtime_us']:.1f} | {r['runtime_exact']} | {sm} |")
+            cells = [f"{r['bytes']}", r["reduce"], f"{r['runtime_us']:.1f}", f"{r['runtime_exact']}"]
+            for key in ("one_shot", "symm_mem"):
+                cells += ([f"{r[key + '_us']:.1f}", f"{r[key + '_exact']}"] if key + "_us" in r
+                          else [r.get(key, "not on CPU"), "–"])
+            lines.append("| " + " | ".join(cells) + " |")
         save(args.out, "allreduce", "\n".join(lines), rows)
     comm.barrier()
     comm.close()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device-tool run (one GPU; TP stages where NPS lists 2): GPU kernel tests, then issue 12's
+# Device-tool run (one GPU; TP stages where NPS lists 2, under each --all-reduce of ARMODES): GPU kernel tests, then issue 12's
 # sweep-bench table on synthetic qwen3-8b / qwen3-32b files (Q4_K weights, Q6_K output, gpt-2
 # vocabulary), the kernel path against the dequantized-bf16 torch path, and a decode profile.
 #   STAGES="tests bench8 base8 bench32 long32 profile" bash scripts/device_bench.sh
@@ -42,9 +42,9 @@ for st in $STAGES; do case $st in
     timeout 300 python3 -m pytest -q -m gpu ${TESTS:-tests/test_fused_kernels.py tests/test_decode_attention.py \
         tests/test_dequant_kernel.py tests/test_gemv_q8.py tests/test_kernels.py tests/test_models.py} > "$OUT/gpu_tests.txt" 2>&1
     echo "gpu tests: $(tail -1 "$OUT/gpu_tests.txt")" | tee -a "$SUM" ;;
-  bench8)  for np in $NPS; do sweep kernels qwen3-8b "$np"; done ;;
+  bench8)  for np in $NPS; do for ar in ${ARMODES:-nccl}; do sweep kernels-$ar qwen3-8b "$np" --all-reduce $ar; done; done ;;
   base8)   sweep torch-bf16 qwen3-8b 1 --dense-weights --no-fused-ops ;;
-  bench32) for np in $NPS; do sweep kernels qwen3-32b "$np"; done ;;
+  bench32) for np in $NPS; do for ar in ${ARMODES:-nccl}; do sweep kernels-$ar qwen3-32b "$np" --all-reduce $ar; done; done ;;
   long32)  # decode at depth 32768 (the long-context target): prefill 32k, then time decode
     timeout 300 python3 scripts/profile_decode.py "$(model qwen3-32b)" --depth 32768 --steps 20 --no-profile \
         > "$OUT/long32.txt" 2>&1; grep -E "t/s|rror" "$OUT/long32.txt" | tee -a "$SUM" ;;

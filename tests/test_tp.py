@@ -214,3 +214,28 @@ def test_each_rank_makes_its_gpu_current(monkeypatch):
     assert resolve_device("cpu", local_rank=1) == torch.device("cpu") and len(current) == 2
     with pytest.raises(TpError, match="needs GPU 2"):
         resolve_device("cuda", local_rank=2)
+
+
+def test_all_reduce_modes_on_cpu_ranks(tiny_models, tp1):
+    """--all-reduce: auto falls back to gloo/NCCL where the one-shot path cannot serve (here:
+    CPU ranks) and gives the same tokens; symm-mem, asked for there, stops every rank with one
+    line naming why; an unknown mode is refused before anything loads."""
+    assert generate(tiny_models["tiny-qwen3"], 2, "--all-reduce", "auto") == tp1["tiny-qwen3"]
+    r = tp("launch", "--nproc-per-node", 2, "generate", "-m", tiny_models["tiny-qwen3"], "-p", "x",
+           "--all-reduce", "symm-mem", "--device", "cpu")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "--all-reduce symm-mem: not available (rank 0: it needs CUDA devices)" in lines[0], lines[0]
+    r = tp("generate", "-m", tiny_models["tiny-qwen3"], "-p", "x", "--all-reduce", "mpi")
+    assert r.returncode == 2 and "--all-reduce 'mpi'" in r.stderr
+
+
+def test_one_shot_needs_one_host_and_peer_access(monkeypatch):
+    from tpruntime.comm import one_shot_problem
+    cuda1 = torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: (a, b) != (1, 3))
+    assert one_shot_problem(torch.device("cpu"), 2, 2, [None, None]) == "it needs CUDA devices"
+    assert one_shot_problem(cuda1, 4, 2, [0, 1, 0, 1]) == "the 4 ranks are not all on one host"
+    assert one_shot_problem(cuda1, 2, None, [0, 1]) == "the 2 ranks are not all on one host"
+    assert one_shot_problem(cuda1, 3, 3, [0, 1, 2]) is None
+    assert one_shot_problem(cuda1, 4, 4, [0, 1, 2, 3]) == "GPU 1 has no peer access to GPU(s) 3"

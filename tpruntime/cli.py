@@ -40,7 +40,7 @@ class _Group(click.Group):
             if rank != 0 and not e.local:
                 time.sleep(_QUIET_RANK_WAIT_S)
             click.echo(f"{prefix}error: {e}", err=True)
-            sys.exit(e.exit_code)
+            _exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo(f"{prefix}interrupted", err=True)
             sys.exit(130)
@@ -150,6 +150,10 @@ def _engine_options(f):
                      help="Seconds a rank waits on a peer during generation before giving up.")(f)
     f = click.option("-grt", "--reduce-type", default="f32", show_default=True,
                      help="Dtype of the all-reduce on the wire: f32, f16, bf16.")(f)
+    f = click.option("--all-reduce", "all_reduce", default="nccl", show_default=True,
+                     help="Row-parallel sums: nccl; symm-mem (torch's one-shot over NVLink for messages "
+                          "up to 1 MB, ranks of one host with peer access); auto (symm-mem where "
+                          "available, else nccl).")(f)
     f = _split_options(f)
     f = click.option("--dtype", default="auto", show_default=True,
                      help="Weights/activations: auto, f32, f16, bf16.")(f)
@@ -158,14 +162,15 @@ def _engine_options(f):
 
 
 def _open_engine(path: str, n_ctx: int, n_ubatch: int, *, device, dtype, split_mode, max_gpu, tensor_split,
-                 reduce_type, comm_timeout, load_timeout, no_cuda_graphs, no_fused_ops, dense_weights):
+                 reduce_type, all_reduce, comm_timeout, load_timeout, no_cuda_graphs, no_fused_ops, dense_weights):
     from .engine import open_engine
 
     if n_ubatch < 1:
         raise TpError(f"-ub {n_ubatch}: must be >= 1")
     return open_engine(path, n_ctx=n_ctx, device=device, dtype=dtype, n_ubatch=n_ubatch,
                        options=_plan_options(1, split_mode, max_gpu, tensor_split),
-                       reduce_type=reduce_type, comm_timeout=comm_timeout, load_timeout=load_timeout,
+                       reduce_type=reduce_type, all_reduce=all_reduce, comm_timeout=comm_timeout,
+                       load_timeout=load_timeout,
                        cuda_graphs=not no_cuda_graphs, fused_ops=not no_fused_ops,
                        dense_weights=dense_weights)
 

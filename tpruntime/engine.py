@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .comm import CMD_FORWARD, CMD_STOP, HEADER, REDUCE_DTYPES, Comm, DistComm, dist_env
+from .comm import ALL_REDUCE_MODES, CMD_FORWARD, CMD_STOP, HEADER, REDUCE_DTYPES, Comm, DistComm, dist_env
 from .errors import TpError
 from .model import Transformer, load_model
 from .plan import PlanOptions
@@ -98,7 +98,7 @@ def _load_fault(comm: Comm) -> Comm:
 
 
 def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int,
-                options: PlanOptions, reduce_type: str = "f32", comm_timeout: float = 20.0,
+                options: PlanOptions, reduce_type: str = "f32", all_reduce: str = "nccl", comm_timeout: float = 20.0,
                 load_timeout: float = 600.0, cuda_graphs: bool = True, progress: bool = True,
                 dense_weights: bool = False, fused_ops: bool = True) -> Engine:
     """This process's rank of a run: a single process, or one worker of torchrun / SLURM
@@ -106,6 +106,8 @@ def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int
     env = dist_env()
     if reduce_type not in REDUCE_DTYPES:
         raise TpError(f"--reduce-type {reduce_type!r}: expected one of {', '.join(REDUCE_DTYPES)}")
+    if all_reduce not in ALL_REDUCE_MODES:
+        raise TpError(f"--all-reduce {all_reduce!r}: expected one of {', '.join(ALL_REDUCE_MODES)}")
     if comm_timeout <= 0 or load_timeout <= 0:
         raise TpError(f"--comm-timeout {comm_timeout} / --load-timeout {load_timeout}: must be > 0 seconds")
     if env is None:
@@ -117,6 +119,7 @@ def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int
     model = load_model(path, n_ctx=n_ctx, device=device, dtype=dtype, progress=progress,
                        options=options, local_rank=local_rank, cuda_graphs=cuda_graphs,
                        dense_weights=dense_weights, fused_ops=fused_ops,
-                       make_comm=lambda dev: _load_fault(DistComm(dev, reduce_type, comm_timeout, load_timeout)))
+                       make_comm=lambda dev: _load_fault(DistComm(dev, reduce_type, comm_timeout, load_timeout,
+                                                                  all_reduce)))
     model.comm.barrier()  # every rank loaded: from here on, steps run in lockstep
     return Engine(model, model.comm, n_ubatch)
