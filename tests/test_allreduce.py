@@ -1,5 +1,5 @@
-"""The runtime's all-reduce paths (tpruntime/comm.py) on 2 GPUs of one host: NCCL and torch's
-symmetric-memory one-shot against NCCL's own result, eagerly and over thousands of CUDA-graph
+"""The runtime's all-reduce paths (tpruntime/comm.py) on 2 GPUs of one host: NCCL, torch's
+symmetric-memory one-shot and our one-shot kernel against NCCL's own result, eagerly and over thousands of CUDA-graph
 replays, and the tokens of a TP 2 run under each. Needs nvidia-h200-x2; skipped elsewhere (the
 mode selection and its errors are tested on CPU ranks in test_tp.py)."""
 
@@ -26,7 +26,7 @@ def env():
             "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-@pytest.mark.parametrize("mode", ["nccl", "symm-mem"])
+@pytest.mark.parametrize("mode", ["nccl", "symm-mem", "one-shot"])
 @pytest.mark.parametrize("reduce_type", ["f32", "bf16"])
 def test_all_reduce_equals_nccl(mode, reduce_type):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -36,11 +36,11 @@ def test_all_reduce_equals_nccl(mode, reduce_type):
 
 def test_tp2_tokens_under_each_all_reduce(tiny_models):
     ids = {}
-    for mode in ("nccl", "symm-mem", "auto"):
+    for mode in ("nccl", "symm-mem", "one-shot", "auto"):
         r = subprocess.run([sys.executable, "-m", "tpruntime", "launch", "--nproc-per-node", "2", "generate",
                             "-m", str(tiny_models["tiny-qwen3"]), "-p", "the quick brown fox", "-n", "24",
                             "--temp", "0", "-c", "96", "--device", "cuda", "--dtype", "f32", "--print-ids",
                             "--all-reduce", mode], capture_output=True, text=True, timeout=300, env=env())
         assert r.returncode == 0, r.stderr[-3000:]
         ids[mode] = next(ln for ln in r.stderr.splitlines() if ln.startswith("ids: "))
-    assert ids["symm-mem"] == ids["nccl"] == ids["auto"]
+    assert ids["symm-mem"] == ids["one-shot"] == ids["nccl"] == ids["auto"]

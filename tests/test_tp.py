@@ -226,6 +226,9 @@ def test_all_reduce_modes_on_cpu_ranks(tiny_models, tp1):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "--all-reduce symm-mem: not available (rank 0: it needs CUDA devices)" in lines[0], lines[0]
+    r = tp("launch", "--nproc-per-node", 2, "generate", "-m", tiny_models["tiny-qwen3"], "-p", "x",
+           "--all-reduce", "one-shot", "--device", "cpu")
+    assert r.returncode == 2 and "--all-reduce one-shot: not available (rank 0: it needs CUDA" in r.stderr
     r = tp("generate", "-m", tiny_models["tiny-qwen3"], "-p", "x", "--all-reduce", "mpi")
     assert r.returncode == 2 and "--all-reduce 'mpi'" in r.stderr
 

@@ -152,8 +152,8 @@ def _engine_options(f):
                      help="Dtype of the all-reduce on the wire: f32, f16, bf16.")(f)
     f = click.option("--all-reduce", "all_reduce", default="nccl", show_default=True,
                      help="Row-parallel sums: nccl; symm-mem (torch's one-shot over NVLink for messages "
-                          "up to 1 MB, ranks of one host with peer access); auto (symm-mem where "
-                          "available, else nccl).")(f)
+                          "up to 1 MB, ranks of one host with peer access); one-shot (our kernel, same "
+                          "conditions); auto (symm-mem where available, else nccl).")(f)
     f = _split_options(f)
     f = click.option("--dtype", default="auto", show_default=True,
                      help="Weights/activations: auto, f32, f16, bf16.")(f)

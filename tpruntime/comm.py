@@ -18,8 +18,10 @@ from .errors import TpError
 
 REDUCE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
-# --all-reduce: which path a row-parallel layer's sum takes (see OneShotAllReduce).
-ALL_REDUCE_MODES = ("nccl", "auto", "symm-mem")
+# --all-reduce: which path a row-parallel layer's sum takes: NCCL, torch's symmetric-memory
+# one-shot op (TorchOneShot), our own one-shot kernel (P2POneShot), or auto (torch's where it
+# can serve, else NCCL).
+ALL_REDUCE_MODES = ("nccl", "auto", "symm-mem", "one-shot")
 # Messages up to this size go one-shot (a decode token's hidden state is 16-20 KB in f32): on 2
 # H200s torch's one-shot beat NCCL from 4 KB (6.1 vs 10.1 us) to 1 MB (13.7 vs 17.6 us).
 ONE_SHOT_MAX_BYTES = 1 << 20
@@ -116,9 +118,9 @@ def die_with_parent() -> None:
         pass
 
 
-class OneShotAllReduce:
+class TorchOneShot:
     """torch's symmetric-memory one-shot all-reduce (torch.distributed._symmetric_memory) for
-    the ranks of one host: each rank copies its partial into a buffer that every peer maps over
+    the ranks of one host: each rank's partial goes into a buffer that every peer maps over
     NVLink, and one kernel waits for all ranks (flags in a signal pad), sums every rank's buffer
     and signals that it is done reading, so the buffer is free for the next call. One launch and
     no NCCL proxy: 6-7 us for 4-64 KB on 2 H200s against NCCL's 10 (docs/benchmarks.md). It is
@@ -134,7 +136,7 @@ class OneShotAllReduce:
         return t.numel() <= self.buf.numel()
 
     def __call__(self, partial: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks, in the wire dtype, shaped as `partial` (which is left as it is)."""
+        """The sum over ranks, as float32 shaped as `partial` (which is left as it is)."""
         x = partial.reshape(-1).to(self.dtype)
         view = self.buf[: x.numel()]
         if hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"):
@@ -143,7 +145,38 @@ class OneShotAllReduce:
         else:
             view.copy_(x)
             out = torch.ops.symm_mem.one_shot_all_reduce(view, "sum", self.group_name)
-        return out.view(partial.shape)
+        return out.view(partial.shape).float()
+
+
+class P2POneShot:
+    """Our one-shot all-reduce (kernels/allreduce.py: the copy in, per-chunk flags, the sum in
+    rank order, all in one launched kernel that is also a programmatic dependent) over buffers
+    and flags in torch symmetric memory, for the ranks of one host."""
+
+    def __init__(self, group, device: torch.device, dtype: torch.dtype, max_bytes: int = ONE_SHOT_MAX_BYTES):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from .kernels.allreduce import PeerBuffers
+        n_buf, n_flags = PeerBuffers.sizes(max_bytes // dtype.itemsize, dist.get_world_size(group))
+        buf = symm_mem.empty(n_buf, dtype=dtype, device=device)
+        flags = symm_mem.empty(n_flags, dtype=torch.int64, device=device)
+        flags.zero_()
+        hb = symm_mem.rendezvous(buf, group.group_name)
+        hf = symm_mem.rendezvous(flags, group.group_name)
+        self.peers = PeerBuffers(buf, flags, torch.tensor(hb.buffer_ptrs, dtype=torch.int64, device=device),
+                                 torch.tensor(hf.buffer_ptrs, dtype=torch.int64, device=device),
+                                 torch.zeros(n_flags // hb.world_size, dtype=torch.int64, device=device),
+                                 hb.rank, hb.world_size)
+        self.dtype = dtype
+        torch.cuda.synchronize(device)  # every rank's flags are zero before any rank sets one
+        dist.barrier(group)
+
+    def fits(self, t: torch.Tensor) -> bool:
+        return t.numel() <= self.peers.slot_elems
+
+    def __call__(self, partial: torch.Tensor) -> torch.Tensor:
+        from .kernels.allreduce import one_shot_all_reduce
+        return one_shot_all_reduce(partial, self.peers)
 
 
 def one_shot_problem(device: torch.device, world_size: int, local_world_size: int | None,
@@ -183,7 +216,7 @@ class DistComm(Comm):
         self._control = dist.new_group(backend="gloo", timeout=timedelta(seconds=load_timeout_s))
         self.one_shot = self._choose_one_shot(all_reduce) if all_reduce != "nccl" else None
 
-    def _choose_one_shot(self, mode: str) -> OneShotAllReduce | None:
+    def _choose_one_shot(self, mode: str) -> "TorchOneShot | P2POneShot | None":
         """The one-shot path where `mode` allows it and every rank can take it, checked on
         exact data. Every rank reaches the same answer (they must all take the same path), and
         the collective set-up starts only once all ranks can go through with it."""
@@ -191,13 +224,14 @@ class DistComm(Comm):
         dist.all_gather_object(peers, self.device.index, group=self._control)
         local = os.environ.get("LOCAL_WORLD_SIZE")
         problem = one_shot_problem(self.device, self.world_size, int(local) if local else None, peers)
-        if problem is None and not hasattr(torch.ops.symm_mem, "one_shot_all_reduce"):
+        if problem is None and mode != "one-shot" and not hasattr(torch.ops.symm_mem, "one_shot_all_reduce"):
             problem = "this torch has no symmetric-memory one-shot all-reduce"
         if self._agree(problem, mode):
             return None
         problem, one_shot = None, None
         try:
-            one_shot = OneShotAllReduce(dist.group.WORLD, self.device, self.reduce_dtype)
+            kind = P2POneShot if mode == "one-shot" else TorchOneShot
+            one_shot = kind(dist.group.WORLD, self.device, self.reduce_dtype)
             # small integers: exact in every wire dtype
             n = 1000
             got = one_shot((torch.arange(n, device=self.device) % 7 + self.rank).float())
@@ -214,15 +248,15 @@ class DistComm(Comm):
         verdicts = [None] * self.world_size
         dist.all_gather_object(verdicts, problem, group=self._control)
         problems = [f"rank {r}: {p}" for r, p in enumerate(verdicts) if p]
-        if problems and mode == "symm-mem":
-            raise TpError(f"--all-reduce symm-mem: not available ({problems[0]})")
+        if problems and mode != "auto":
+            raise TpError(f"--all-reduce {mode}: not available ({problems[0]})")
         return bool(problems)
 
     @_collective
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """(NCCL/gloo sum in place when `partial` already has the wire dtype.)"""
         if self.one_shot is not None and self.one_shot.dtype == self.reduce_dtype and self.one_shot.fits(partial):
-            return self.one_shot(partial).float()
+            return self.one_shot(partial)
         buf = partial.to(self.reduce_dtype)
         dist.all_reduce(buf)
         return buf.float()
