@@ -18,7 +18,8 @@ satisfies a later wait; a peer may already be one call ahead (it overwrote c + 1
 writing its chunk for c + 1 into the *other* slot), hence >=. A rank writes slot c % 2 again
 only in call c + 2, after it has seen every peer's flag for call c + 1, which each peer set in
 a kernel that began after its call c, with its reads of that slot, had finished. Peers' chunks
-are read with volatile loads: an SM must not serve a peer's slot from its L1 two calls later.
+are read with .cv loads (fetched again every time): an SM must not serve a peer's slot from
+its L1 two calls later.
 
 Why not NCCL: a decode-sized all-reduce (a token's hidden state, 8-20 KB) is latency, not
 bytes, and NCCL spends ~10 us per call inside a CUDA graph on 2 H200s; torch's own one-shot op
@@ -60,9 +61,11 @@ def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_flags, buf_ptrs, flag_ptrs, co
             pass
     tl.debug_barrier()
     acc = tl.zeros([BLOCK], tl.float32)
+    # (buffers are 16-byte aligned allocations and slots whole blocks: vector loads)
+    slot = tl.multiple_of(slot, BLOCK)
     for p in tl.static_range(WORLD):
-        peer_buf = tl.load(buf_ptrs + p).to(tl.pointer_type(wire))
-        acc += tl.load(peer_buf + slot + offs, mask=m, other=0.0, volatile=True).to(tl.float32)
+        peer_buf = tl.multiple_of(tl.load(buf_ptrs + p).to(tl.pointer_type(wire)), 16)
+        acc += tl.load(peer_buf + slot + offs, mask=m, other=0.0, cache_modifier=".cv").to(tl.float32)
     tl.store(out_ptr + offs, acc, mask=m)
     tl.store(counter_ptr + b, c + 1)
 
@@ -88,8 +91,10 @@ class PeerBuffers:
 
     @staticmethod
     def sizes(max_elems: int, world: int) -> tuple[int, int]:
-        """(buffer values, flags) for messages of up to max_elems values."""
-        return 2 * max_elems, triton.cdiv(max_elems, BLOCK) * world
+        """(buffer values, flags) for messages of up to max_elems values (a slot holds whole
+        blocks, so every program's chunk starts aligned)."""
+        blocks = triton.cdiv(max_elems, BLOCK)
+        return 2 * blocks * BLOCK, blocks * world
 
 
 def one_shot_all_reduce(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
