@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from tpruntime.kernels.common import interpreting, launch_kw, use_pdl, wait_inputs
-from tpruntime.kernels.gemv_q8 import new_quantized, quantize_store, zero_config, zero_share
+from tpruntime.kernels.gemv_q8 import new_quantized, producer_args, quantize_store, zero_share
 from tpruntime.qweight import Int8Request, QuantizedX
 
 LOG2E = 1.4426950408889634
@@ -190,8 +190,7 @@ def _merge_kernel(n_keys_ptr, part_ptr, out_ptr, n_ctx, window, n_splits, min_ch
     if Q8:  # the head's values in int8 form for the output projection (DV whole groups of 32)
         g = h * (DV // 32) + tl.arange(0, DV // 32)[:, None]
         quantize_store(tl.reshape(out, [DV // 32, 32]), g, None, xq_ptr, xd_ptr, xs_ptr)
-        if ZB > 0:
-            zero_share(y_ptr, h, share, n_zero, ZB)
+        zero_share(y_ptr, h, share, n_zero, ZB)
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,7 +271,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     qx = None
     if q8 is not None and head_dim_v % 32 == 0 and p["block_dv"] == head_dim_v:
         qx = new_quantized(out.view(1, -1), q8)
-    share, zb = zero_config(q8.n_zero, n_head) if qx else (0, 0)
+    q8_args, q8_kw = producer_args(qx, n_head, out)
     pdl = use_pdl(q)
     _split_kernel[(n_kv, ns)](
         q, k_cache, v_cache, n_keys, scratch, float(scale) * LOG2E, n_ctx, window, ns, p["min_chunk"],
@@ -284,9 +283,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_warps=NUM_WARPS, num_stages=NUM_STAGES if p["dot"] else 1)
     _merge_kernel[(n_head,)](
         n_keys, scratch, out, n_ctx, window, ns, p["min_chunk"], out.stride(0),
-        *(qx[1:4] if qx else (out,) * 3), qx.y if qx and qx.y is not None else out, q8.n_zero if qx else 0, share,
-        DV=head_dim_v, PART=part, BLOCK_DV=p["block_dv"], BLOCK_S=32 if p["block_dv"] <= 128 else 16,
-        BLOCK_N=p["block_n"], PDL=pdl, **launch_kw(pdl), Q8=qx is not None, ZB=zb, num_warps=4)
+        *q8_args, DV=head_dim_v, PART=part, BLOCK_DV=p["block_dv"], BLOCK_S=32 if p["block_dv"] <= 128 else 16,
+        BLOCK_N=p["block_n"], PDL=pdl, **launch_kw(pdl), **q8_kw, num_warps=4)
     return out if qx is None else qx
 
 

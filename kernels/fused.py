@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from tpruntime.kernels.common import interpreting, launch_kw, use_pdl, wait_inputs
-from tpruntime.kernels.gemv_q8 import new_quantized, quantize_store, zero_config, zero_share
+from tpruntime.kernels.gemv_q8 import new_quantized, producer_args, quantize_store, zero_share
 from tpruntime.qweight import Int8Request, QuantizedX
 
 # A row up to this long is held in registers for the whole kernel (32 floats per thread at 8
@@ -59,7 +59,7 @@ def _rstd(x, n, eps):
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x, stride_d, stride_o,
-                         xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero,
+                         xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share,
                          HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr, BLOCK: tl.constexpr,
                          NCHUNK: tl.constexpr, RNE: tl.constexpr, PDL: tl.constexpr, Q8: tl.constexpr,
                          ZB: tl.constexpr):
@@ -89,8 +89,7 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x,
         if Q8:  # one row (a decode token): its int8 form for the next GEMV, from the rounded values
             g = tl.arange(0, BLOCK // 32)[:, None]
             quantize_store(tl.reshape(o.to(tl.float32), [BLOCK // 32, 32]), g, g < n // 32, xq_ptr, xd_ptr, xs_ptr)
-            if ZB > 0:
-                zero_share(y_ptr, 0, n_zero, n_zero, ZB)
+            zero_share(y_ptr, 0, share, n_zero, ZB)
     else:
         # Streamed: h + delta is summed in one pass and formed again in the next (from cache)
         # rather than stored and read back, which would need the writing and reading threads
@@ -160,13 +159,13 @@ def _launch_norm(x2, d2, pw, w, out2, eps, max_tile, q8: Int8Request | None = No
     if q8 is not None and rows == 1 and n % 32 == 0 and cfg["NCHUNK"] == 1:
         qx = new_quantized(out2, q8)
     dummy = x2
+    q8_args, q8_kw = producer_args(qx, rows, dummy)
     pdl = use_pdl(x2)
     _add_rms_norm_kernel[(rows,)](
         x2, d2 if d2 is not None else dummy, pw if pw is not None else dummy, w, out2, n, float(eps),
         x2.stride(0), d2.stride(0) if d2 is not None else 0, out2.stride(0),
-        *(qx[1:4] if qx else (dummy,) * 3), qx.y if qx and qx.y is not None else dummy, q8.n_zero if qx else 0,
-        HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=pdl, **launch_kw(pdl),
-        Q8=qx is not None, ZB=zero_config(q8.n_zero, 1)[1] if qx else 0, **cfg)
+        *q8_args, HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=pdl,
+        **launch_kw(pdl), **q8_kw, **cfg)
     return qx
 
 
@@ -313,13 +312,14 @@ def qk_norm_rope_store(qkv: torch.Tensor, n_head: int, n_head_kv: int, head_dim:
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("qk_norm_rope_store: the caches' last axis must be contiguous")
     dummy = qkv
+    pdl = use_pdl(qkv)
     _qk_norm_rope_store_kernel[(T, n_head + 2 * n_head_kv)](
         qkv, bias if bias is not None else dummy, q_norm if q_norm is not None else dummy,
         k_norm if k_norm is not None else dummy, cos, sin, pos, q, k_cache, v_cache,
         n_head, n_head_kv, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), float(eps),
         D=head_dim, DV=head_dim_v, ROPE=rope_dim, NEOX=bool(neox), HAS_BIAS=bias is not None,
-        HAS_NORM=q_norm is not None, RNE=interpreting(), PDL=use_pdl(qkv), **launch_kw(use_pdl(qkv)),
+        HAS_NORM=q_norm is not None, RNE=interpreting(), PDL=pdl, **launch_kw(pdl),
         **_head_config(head_dim, head_dim_v))
     return q
 
@@ -348,8 +348,7 @@ def _act_mul_kernel(gu_ptr, out_ptr, n_ff, stride_in, stride_out, xq_ptr, xd_ptr
     if Q8:  # one row: its int8 form for the down projection (BLOCK holds whole groups of 32)
         g = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)[:, None]
         quantize_store(tl.reshape(o.to(tl.float32), [BLOCK // 32, 32]), g, g < n_ff // 32, xq_ptr, xd_ptr, xs_ptr)
-        if ZB > 0:
-            zero_share(y_ptr, tl.program_id(1), share, n_zero, ZB)
+        zero_share(y_ptr, tl.program_id(1), share, n_zero, ZB)
 
 
 @functools.lru_cache(maxsize=None)
@@ -381,12 +380,11 @@ def act_mul(gate_up: torch.Tensor, n_ff: int, act: str = "silu",
         grid = (g2.shape[0], triton.cdiv(n_ff, cfg["BLOCK"]))
         if q8 is not None and g2.shape[0] == 1 and n_ff % 32 == 0:
             qx = new_quantized(out, q8)
-        share, zb = zero_config(q8.n_zero, grid[1]) if qx else (0, 0)
+        q8_args, q8_kw = producer_args(qx, grid[1], out)
         pdl = use_pdl(g2)
         _act_mul_kernel[grid](
-            g2, out, n_ff, g2.stride(0), n_ff, *(qx[1:4] if qx else (out,) * 3),
-            qx.y if qx and qx.y is not None else out, q8.n_zero if qx else 0, share,
-            ACT=_ACTS[act], RNE=interpreting(), PDL=pdl, **launch_kw(pdl), Q8=qx is not None, ZB=zb, **cfg)
+            g2, out, n_ff, g2.stride(0), n_ff, *q8_args,
+            ACT=_ACTS[act], RNE=interpreting(), PDL=pdl, **launch_kw(pdl), **q8_kw, **cfg)
     return _with_int8(out, qx)
 
 

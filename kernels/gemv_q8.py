@@ -65,10 +65,12 @@ def quantize_store(x, g, m, xq_ptr, xd_ptr, xs_ptr):
 @triton.jit
 def zero_share(y_ptr, part, share, n_zero, ZB: tl.constexpr):
     """Zero y[part * share, (part + 1) * share) (within [0, n_zero)) in ZB-wide stores: the part
-    of the GEMV's split-K output that one program of the producing kernel clears."""
-    for z in range(0, share, ZB):
-        i = z + tl.arange(0, ZB)
-        tl.store(y_ptr + part * share + i, tl.zeros([ZB], tl.float32), mask=(i < share) & (part * share + i < n_zero))
+    of the GEMV's split-K output that one program of the producing kernel clears (ZB 0: none)."""
+    if ZB > 0:
+        for z in range(0, share, ZB):
+            i = z + tl.arange(0, ZB)
+            tl.store(y_ptr + part * share + i, tl.zeros([ZB], tl.float32),
+                     mask=(i < share) & (part * share + i < n_zero))
 
 
 @triton.jit
@@ -77,8 +79,7 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, n_groups, y_ptr, n_zero, s
     """x [K] -> xq, xd, xs (quantize_store); with ZB > 0 it also zeroes y [n_zero] (`share`
     values per program) for the split-K atomics, which saves the GEMV a memset launch."""
     wait_inputs(PDL)
-    if ZB > 0:
-        zero_share(y_ptr, tl.program_id(0), share, n_zero, ZB)
+    zero_share(y_ptr, tl.program_id(0), share, n_zero, ZB)
     g = tl.program_id(0) * BG + tl.arange(0, BG)[:, None]
     m = g < n_groups
     x = masked_load(x_ptr + g * 32 + tl.arange(0, 32)[None, :], m, MASK).to(tl.float32)
@@ -230,6 +231,17 @@ def zero_config(n_zero: int, programs: int) -> tuple[int, int]:
     return share, min(1024, triton.next_power_of_2(share))
 
 
+def producer_args(qx: QuantizedX | None, programs: int, dummy: torch.Tensor) -> tuple[tuple, dict]:
+    """What a kernel that produces a GEMV's input takes to also write it in the int8 form
+    (quantize_store) and zero the GEMV's output over its `programs` programs (zero_share):
+    (xq, xd, xs, y, n_zero, share) and the constexprs Q8, ZB; placeholders when qx is None."""
+    if qx is None:
+        return (dummy,) * 4 + (0, 0), dict(Q8=False, ZB=0)
+    n_zero = 0 if qx.y is None else qx.y.numel()
+    share, zb = zero_config(n_zero, programs)
+    return (qx.xq, qx.xd, qx.xs, dummy if qx.y is None else qx.y, n_zero, share), dict(Q8=True, ZB=zb)
+
+
 def new_quantized(x: torch.Tensor, request: Int8Request) -> QuantizedX:
     """Empty buffers for x [1, K] in the int8 form (filled by a producing kernel), with the
     request's output values for the consumer (to be zeroed by the same kernel)."""
@@ -298,4 +310,4 @@ def qgemv_q8(x: "torch.Tensor | QuantizedX", w_raw: torch.Tensor, qtype, n_out: 
 
 
 __all__ = ["SUPPORTED", "X_DTYPES", "qgemv_q8", "quantize_x", "default_config", "quantize_store", "zero_share",
-           "zero_config", "new_quantized", "split_k"]
+           "zero_config", "producer_args", "new_quantized", "split_k"]
