@@ -22,6 +22,11 @@ REDUCE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloa
 # one-shot op (TorchOneShot), our own one-shot kernel (P2POneShot), or auto (torch's where it
 # can serve, else NCCL).
 ALL_REDUCE_MODES = ("nccl", "auto", "symm-mem", "one-shot")
+
+
+def check_all_reduce_mode(mode: str) -> None:
+    if mode not in ALL_REDUCE_MODES:
+        raise TpError(f"--all-reduce {mode!r}: expected one of {', '.join(ALL_REDUCE_MODES)}")
 # Messages up to this size go one-shot (a decode token's hidden state is 16-20 KB in f32): on 2
 # H200s torch's one-shot beat NCCL from 4 KB (6.1 vs 10.1 us) to 1 MB (13.7 vs 17.6 us).
 ONE_SHOT_MAX_BYTES = 1 << 20
@@ -197,8 +202,7 @@ class DistComm(Comm):
     def __init__(self, device: torch.device, reduce_type: str = "f32", timeout_s: float = 20.0,
                  load_timeout_s: float = 600.0, all_reduce: str = "nccl"):
         die_with_parent()
-        if all_reduce not in ALL_REDUCE_MODES:
-            raise TpError(f"--all-reduce {all_reduce!r}: expected one of {', '.join(ALL_REDUCE_MODES)}")
+        check_all_reduce_mode(all_reduce)
         self.reduce_dtype = REDUCE_DTYPES[reduce_type]
         self.device = device
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from .comm import ALL_REDUCE_MODES, CMD_FORWARD, CMD_STOP, HEADER, REDUCE_DTYPES, Comm, DistComm, dist_env
+from .comm import (CMD_FORWARD, CMD_STOP, HEADER, REDUCE_DTYPES, Comm, DistComm, check_all_reduce_mode,
+                   dist_env)
 from .errors import TpError
 from .model import Transformer, load_model
 from .plan import PlanOptions
@@ -106,8 +107,7 @@ def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int
     env = dist_env()
     if reduce_type not in REDUCE_DTYPES:
         raise TpError(f"--reduce-type {reduce_type!r}: expected one of {', '.join(REDUCE_DTYPES)}")
-    if all_reduce not in ALL_REDUCE_MODES:
-        raise TpError(f"--all-reduce {all_reduce!r}: expected one of {', '.join(ALL_REDUCE_MODES)}")
+    check_all_reduce_mode(all_reduce)  # (before loading: a single process builds no DistComm)
     if comm_timeout <= 0 or load_timeout <= 0:
         raise TpError(f"--comm-timeout {comm_timeout} / --load-timeout {load_timeout}: must be > 0 seconds")
     if env is None:
