@@ -70,7 +70,7 @@ for st in $STAGES; do case $st in
     grep -E "^\| Q4_K \| [0-9]+x|rror" "$OUT/q8bench.txt" | tee -a "$SUM"
     [ "${Q8OLD:-1}" = 1 ] && timeout 200 python3 scripts/bench_kernels.py --types Q4_K --shapes $SH --out "$OUT/f" > "$OUT/fbench.txt" 2>&1 &&
     grep -E "^\| Q4_K \| [0-9]+x|rror" "$OUT/fbench.txt" | tee -a "$SUM" ;;
-  allreduce)  # issue 13's latency table (needs a multi-GPU kind): NCCL and torch's symm-mem one-shot
+  allreduce)  # issue 13's latency table (needs a multi-GPU kind): NCCL, both one-shot paths, torch's bare op
     NP=${AR_NP:-2}; timeout 200 python3 -m torch.distributed.run --nproc-per-node "$NP" scripts/bench_allreduce.py \
         --out "$OUT/ar" > "$OUT/allreduce.txt" 2>&1
     grep -E "^\|" "$OUT/allreduce.txt" | tee -a "$SUM" ;;
