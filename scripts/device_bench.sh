@@ -32,9 +32,11 @@ sweep() {  # sweep LABEL SHAPE NP [extra flags]
   local label=$1 shape=$2 np=$3; shift 3
   local m; m=$(model "$shape")
   echo "--- $label: $shape np=$np $* ($SWEEP)" | tee -a "$SUM"
+  local t0=$SECONDS
   timeout 400 python3 -m tpruntime launch --nproc-per-node "$np" sweep-bench -m "$m" $SWEEP \
       --device cuda --dtype bf16 "$@" > "$OUT/$label-$shape-np$np.txt" 2>&1
-  grep -E "^\||rror" "$OUT/$label-$shape-np$np.txt" | tail -8 | tee -a "$SUM"
+  echo "rc $? after $((SECONDS - t0)) s" >> "$OUT/$label-$shape-np$np.txt"
+  grep -E "^\||rror|^rc " "$OUT/$label-$shape-np$np.txt" | tail -9 | tee -a "$SUM"
 }
 
 for st in $STAGES; do case $st in
@@ -74,6 +76,12 @@ for st in $STAGES; do case $st in
     NP=${AR_NP:-2}; timeout 200 python3 -m torch.distributed.run --nproc-per-node "$NP" scripts/bench_allreduce.py \
         --out "$OUT/ar" > "$OUT/allreduce.txt" 2>&1
     grep -E "^\|" "$OUT/allreduce.txt" | tee -a "$SUM" ;;
+  arworker)  # tests/allreduce_worker.py alone, each mode, stacks dumped on a hang (AR_WORKER_TIMEOUT)
+    mkdir -p "$OUT/arw"; for m in ${ARMODES:-nccl one-shot symm-mem}; do for rt in ${ARTYPES:-f32}; do
+      AR_WORKER_TIMEOUT=${AR_WORKER_TIMEOUT:-60} timeout 120 python3 -m torch.distributed.run --standalone \
+          --nproc-per-node "${AR_NP:-2}" tests/allreduce_worker.py "$m" "$rt" > "$OUT/arw/$m-$rt.txt" 2>&1
+      echo "worker $m $rt rc=$?: $(grep -E '^(ok|rank|start)' "$OUT/arw/$m-$rt.txt" | tr '\n' ';')" | tee -a "$SUM"
+    done; done ;;
   kbench)
     timeout 200 python3 scripts/bench_attention.py > "$OUT/bench_attention.txt" 2>&1
     tail -20 "$OUT/bench_attention.txt" | tee -a "$SUM" ;;

@@ -4,6 +4,7 @@ element to 4 MB, then replayed in a CUDA graph with fresh inputs every time."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -19,11 +20,16 @@ REPLAYS = 2000
 
 def main() -> None:
     mode, reduce_type = sys.argv[1], sys.argv[2]
+    # a hang (a stale flag never met, a collective never joined) ends with every thread's
+    # stack on stderr and a failure, not a test run that stops at its time limit
+    faulthandler.dump_traceback_later(float(os.environ.get("AR_WORKER_TIMEOUT", "150")), exit=True)
+    print(f"start {mode} {reduce_type}", flush=True)
     dev = resolve_device("cuda", int(os.environ["LOCAL_RANK"]))
     comm = DistComm(dev, reduce_type, all_reduce=mode)
     assert (comm.one_shot is not None) == (mode != "nccl"), "the mode's path was not taken"
     wire = REDUCE_DTYPES[reduce_type]
     g = torch.Generator(device=dev).manual_seed(100 + comm.rank)
+    print(f"rank {comm.rank}: path set up", flush=True)
     for n in SIZES:  # up to 4 MB of f32: the largest ones go through NCCL in every mode
         x = torch.randn(n, generator=g, device=dev)
         got = comm.all_reduce(x.clone())
@@ -35,6 +41,7 @@ def main() -> None:
             tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}[wire]
             torch.testing.assert_close(got, ref.float(), rtol=tol, atol=tol * comm.world_size)
 
+    print(f"rank {comm.rank}: eager sizes ok", flush=True)
     # Decode-sized messages, 8 per replay as in a step, inputs changed before every replay:
     # small integers, so every wire dtype sums them exactly, and a stale flag or a read of a
     # peer's buffer before it was written shows as a wrong value.
@@ -54,9 +61,12 @@ def main() -> None:
         if not all(torch.equal(o, w) for o, w in zip(outs, want)):
             raise AssertionError(f"replay {it}: wrong sum")
     torch.cuda.synchronize()
+    print(f"rank {comm.rank}: {REPLAYS} replays ok", flush=True)
     dist.barrier()
     print(f"ok rank {comm.rank}", flush=True)
+    del graph, outs  # a graph holding NCCL kernels blocks destroy_process_group (pytorch#115388)
     comm.close()
+    faulthandler.cancel_dump_traceback_later()
 
 
 if __name__ == "__main__":

@@ -30,4 +30,4 @@ if engine.comm.rank == 0:
     engine.stop()
 else:
     engine.follow()
-engine.comm.close()
+engine.close()

@@ -150,10 +150,10 @@ def _engine_options(f):
                      help="Seconds a rank waits on a peer during generation before giving up.")(f)
     f = click.option("-grt", "--reduce-type", default="f32", show_default=True,
                      help="Dtype of the all-reduce on the wire: f32, f16, bf16.")(f)
-    f = click.option("--all-reduce", "all_reduce", default="nccl", show_default=True,
-                     help="Row-parallel sums: nccl; symm-mem (torch's one-shot over NVLink for messages "
-                          "up to 1 MB, ranks of one host with peer access); one-shot (our kernel, same "
-                          "conditions); auto (symm-mem where available, else nccl).")(f)
+    f = click.option("--all-reduce", "all_reduce", default="auto", show_default=True,
+                     help="Row-parallel sums: auto (one-shot where it can serve, else nccl); nccl; "
+                          "one-shot (our kernel over NVLink for messages up to 1 MB, ranks of one host "
+                          "with peer access); symm-mem (torch's one-shot op, same conditions, no f16).")(f)
     f = _split_options(f)
     f = click.option("--dtype", default="auto", show_default=True,
                      help="Weights/activations: auto, f32, f16, bf16.")(f)
@@ -243,7 +243,7 @@ def generate(model, prompt, prompt_file, n_predict, ctx_size, ubatch_size, temp,
         engine.stop()
     if report_memory:
         click.echo(engine.model.memory_report(), err=True)
-    engine.comm.close()
+    engine.close()
 
 
 def _coordinate(engine, tok, text, ids, n_predict, sampler, seed, ubatch_size, no_display_prompt, eog,
@@ -302,7 +302,7 @@ def sweep_bench(model, ctx_size, ubatch_size, batch_size, n_tg, warmup_batch, fm
                     "dtype": str(engine.model.dtype).removeprefix("torch.")}
             click.echo(render(rows, fmt, meta))
         engine.stop()
-    engine.comm.close()
+    engine.close()
 
 
 @main.command()

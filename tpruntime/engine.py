@@ -48,6 +48,12 @@ class Engine:
         if self.comm.world_size > 1:
             self._broadcast([CMD_STOP, 0, 0, 0])
 
+    def close(self) -> None:
+        """Leave the process group, captured decode graphs first: a live graph holding NCCL
+        kernels makes destroy_process_group wait forever (pytorch#115388; seen on 2 H200s)."""
+        self.model.graphs = None
+        self.comm.close()
+
     def follow(self) -> None:
         """Ranks other than 0: run every step rank 0 broadcasts until it says stop."""
         while True:
@@ -99,7 +105,7 @@ def _load_fault(comm: Comm) -> Comm:
 
 
 def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int,
-                options: PlanOptions, reduce_type: str = "f32", all_reduce: str = "nccl", comm_timeout: float = 20.0,
+                options: PlanOptions, reduce_type: str = "f32", all_reduce: str = "auto", comm_timeout: float = 20.0,
                 load_timeout: float = 600.0, cuda_graphs: bool = True, progress: bool = True,
                 dense_weights: bool = False, fused_ops: bool = True) -> Engine:
     """This process's rank of a run: a single process, or one worker of torchrun / SLURM
