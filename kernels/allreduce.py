@@ -35,9 +35,39 @@ import torch
 import triton
 import triton.language as tl
 
-from tpruntime.kernels.common import launch_kw, use_pdl, wait_inputs
+from tpruntime.kernels.common import interpreting, launch_kw, use_pdl, wait_inputs
+from tpruntime.kernels.fused import MAX_TILE, add_norm_row, norm_config, norm_int8, row_view, with_int8
 
 BLOCK = 1024  # values per program (4 KB of float32): a 16 KB message is 4 programs per rank
+# The all-reduce ending in add + RMSNorm: one program per row (a decode step's token), whole
+# in registers, so rows up to the norm's longest tile, and up to 8 rows (the GEMVs' batch).
+ROW = MAX_TILE
+MAX_ROWS = 8
+
+
+@triton.jit
+def _exchange(x, offs, m, b, c, own_buf, own_flags, buf_ptrs, flag_ptrs, slot_elems,
+              RANK: tl.constexpr, WORLD: tl.constexpr, ALIGN: tl.constexpr):
+    """Steps 1-4 for program b in its call c: x (this rank's values, at offs of a slot) in, the
+    float32 sum over ranks out, in rank order. Slots start at multiples of ALIGN values."""
+    slot = (c % 2) * slot_elems
+    wire = own_buf.dtype.element_ty
+    tl.store(own_buf + slot + offs, x.to(wire), mask=m)
+    tl.debug_barrier()  # every thread's part of the chunk is written before the signal
+    for p in tl.static_range(WORLD):
+        peer_flags = tl.load(flag_ptrs + p).to(tl.pointer_type(tl.int64))
+        tl.atomic_xchg(peer_flags + b * WORLD + RANK, c + 1, sem="release", scope="sys")
+    for p in tl.static_range(WORLD):
+        while tl.atomic_add(own_flags + b * WORLD + p, 0, sem="acquire", scope="sys") < c + 1:
+            pass
+    tl.debug_barrier()
+    acc = tl.zeros(x.shape, tl.float32)
+    # (buffers are 16-byte aligned allocations and slots whole blocks: vector loads)
+    slot = tl.multiple_of(slot, ALIGN)
+    for p in tl.static_range(WORLD):
+        peer_buf = tl.multiple_of(tl.load(buf_ptrs + p).to(tl.pointer_type(wire)), 16)
+        acc += tl.load(peer_buf + slot + offs, mask=m, other=0.0, cache_modifier=".cv").to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -48,26 +78,40 @@ def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_flags, buf_ptrs, flag_ptrs, co
     m = offs < n
     wait_inputs(PDL)  # x is the previous kernel's output
     c = tl.load(counter_ptr + b)
-    slot = (c % 2) * slot_elems
-    wire = own_buf.dtype.element_ty
     x = tl.load(x_ptr + offs, mask=m, other=0.0)
-    tl.store(own_buf + slot + offs, x.to(wire), mask=m)
-    tl.debug_barrier()  # every thread's part of the chunk is written before the signal
-    for p in tl.static_range(WORLD):
-        peer_flags = tl.load(flag_ptrs + p).to(tl.pointer_type(tl.int64))
-        tl.atomic_xchg(peer_flags + b * WORLD + RANK, c + 1, sem="release", scope="sys")
-    for p in tl.static_range(WORLD):
-        while tl.atomic_add(own_flags + b * WORLD + p, 0, sem="acquire", scope="sys") < c + 1:
-            pass
-    tl.debug_barrier()
-    acc = tl.zeros([BLOCK], tl.float32)
-    # (buffers are 16-byte aligned allocations and slots whole blocks: vector loads)
-    slot = tl.multiple_of(slot, BLOCK)
-    for p in tl.static_range(WORLD):
-        peer_buf = tl.multiple_of(tl.load(buf_ptrs + p).to(tl.pointer_type(wire)), 16)
-        acc += tl.load(peer_buf + slot + offs, mask=m, other=0.0, cache_modifier=".cv").to(tl.float32)
+    acc = _exchange(x, offs, m, b, c, own_buf, own_flags, buf_ptrs, flag_ptrs, slot_elems, RANK, WORLD, BLOCK)
     tl.store(out_ptr + offs, acc, mask=m)
     tl.store(counter_ptr + b, c + 1)
+
+
+@triton.jit
+def _one_shot_add_rms_norm_kernel(
+        x_ptr, h_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x, stride_h, stride_o,
+        own_buf, own_flags, buf_ptrs, flag_ptrs, counter_ptr, slot_elems,
+        xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share,
+        RANK: tl.constexpr, WORLD: tl.constexpr, ROW: tl.constexpr, HAS_POST: tl.constexpr,
+        BLOCK: tl.constexpr, RNE: tl.constexpr, PDL: tl.constexpr, Q8: tl.constexpr, ZB: tl.constexpr):
+    """The sum over ranks of the partial rows x, added to the residual rows h (in place,
+    post-normed first with HAS_POST), and h's rms norm: the all-reduce and the fused add + norm
+    (kernels/fused.py) in one launch. Program t owns row t whole (n <= BLOCK values, [BLOCK / 4,
+    4] tiles as in the norm), at t * ROW in the slots, with the protocol above as program t."""
+    t = tl.program_id(0)
+    offs = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    m = offs < n
+    # the norm weights are constant: loaded while the previous kernel finishes
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    pw = w
+    if HAS_POST:
+        pw = tl.load(pw_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    wait_inputs(PDL)
+    c = tl.load(counter_ptr + t)
+    x = tl.load(x_ptr + t * stride_x + offs, mask=m, other=0.0)
+    h = tl.load(h_ptr + t * stride_h + offs, mask=m, other=0.0)
+    d = _exchange(x, t * ROW + offs, m, t, c, own_buf, own_flags, buf_ptrs, flag_ptrs, slot_elems, RANK, WORLD,
+                  ROW)
+    add_norm_row(h, d, w, pw, h_ptr + t * stride_h, out_ptr + t * stride_o, offs, m, n, eps,
+                 xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share, True, HAS_POST, BLOCK, RNE, Q8, ZB)
+    tl.store(counter_ptr + t, c + 1)
 
 
 @dataclass
@@ -90,11 +134,12 @@ class PeerBuffers:
         return self.buf.numel() // 2
 
     @staticmethod
-    def sizes(max_elems: int, world: int) -> tuple[int, int]:
-        """(buffer values, flags) for messages of up to max_elems values (a slot holds whole
-        blocks, so every program's chunk starts aligned)."""
-        blocks = triton.cdiv(max_elems, BLOCK)
-        return 2 * blocks * BLOCK, blocks * world
+    def sizes(max_elems: int, world: int, unit: int = BLOCK) -> tuple[int, int]:
+        """(buffer values, flags) for messages of up to max_elems values, programs of `unit`
+        values each (BLOCK for the all-reduce, ROW for the one ending in a norm): a slot holds
+        whole units, so every program's chunk starts aligned."""
+        units = triton.cdiv(max_elems, unit)
+        return 2 * units * unit, units * world
 
 
 def one_shot_all_reduce(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
@@ -116,4 +161,41 @@ def one_shot_all_reduce(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
     return out
 
 
-__all__ = ["BLOCK", "PeerBuffers", "one_shot_all_reduce"]
+def fits_add_rms_norm(peers: PeerBuffers, rows: int, n: int) -> bool:
+    """Whether one_shot_add_rms_norm serves rows x n over peers (sized for it: unit ROW)."""
+    return 0 < rows <= peers.slot_elems // ROW and n <= ROW and norm_config(n, MAX_TILE)["NCHUNK"] == 1
+
+
+def one_shot_add_rms_norm(h: torch.Tensor, partial: torch.Tensor, weight: torch.Tensor, eps: float,
+                          peers: PeerBuffers, *, post_weight: torch.Tensor | None = None,
+                          out_dtype: torch.dtype = torch.bfloat16, q8=None):
+    """fused.add_rms_norm(h, (sum over ranks of partial), ...) in one launch: h (float32,
+    contiguous, [rows, n]) += the sum (post-normed first when post_weight is given), in place;
+    returns (h, rms_norm(h) * weight as out_dtype, with its int8 form where q8 asks and it can).
+    Every rank calls with the same shapes in the same order; peers is a PeerBuffers of its own
+    (unit ROW), not the plain all-reduce's: each protocol counts its own calls."""
+    if h.dtype != torch.float32 or not h.is_contiguous():
+        raise ValueError("one_shot_add_rms_norm: h must be a contiguous float32 tensor (it is updated in place)")
+    if partial.shape != h.shape:
+        raise ValueError(f"one_shot_add_rms_norm: partial {tuple(partial.shape)} != h {tuple(h.shape)}")
+    n = weight.numel()
+    h2, x2 = row_view(h, n, "one_shot_add_rms_norm"), row_view(partial, n, "one_shot_add_rms_norm")
+    rows = h2.shape[0]
+    if not fits_add_rms_norm(peers, rows, n):
+        raise ValueError(f"one_shot_add_rms_norm: {rows} rows of {n} exceed the buffer's rows of {ROW}")
+    out = torch.empty(h.shape, dtype=out_dtype, device=h.device)
+    out2 = out.view(-1, n)
+    cfg = norm_config(n, MAX_TILE)
+    qx, q8_args, q8_kw = norm_int8(out2, q8, cfg, h2)
+    pw = post_weight.contiguous() if post_weight is not None else h2
+    pdl = use_pdl(h)
+    _one_shot_add_rms_norm_kernel[(rows,)](
+        x2, h2, pw, weight.contiguous(), out2, n, float(eps), x2.stride(0), h2.stride(0), out2.stride(0),
+        peers.buf, peers.flags, peers.buf_ptrs, peers.flag_ptrs, peers.counters, peers.slot_elems, *q8_args,
+        RANK=peers.rank, WORLD=peers.world, ROW=ROW, HAS_POST=post_weight is not None, BLOCK=cfg["BLOCK"],
+        RNE=interpreting(), PDL=pdl, **launch_kw(pdl), **q8_kw, num_warps=cfg["num_warps"], num_stages=1)
+    return h, with_int8(out, qx)
+
+
+__all__ = ["BLOCK", "MAX_ROWS", "ROW", "PeerBuffers", "fits_add_rms_norm", "one_shot_add_rms_norm",
+           "one_shot_all_reduce"]

@@ -77,19 +77,14 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x,
         # Every load before the first reduction: one memory round trip per row.
         x = tl.load(xr + offs, mask=m, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        d = x
+        pw = w
         if HAS_DELTA:
             d = tl.load(dr + offs, mask=m, other=0.0).to(tl.float32)
             if HAS_POST:
                 pw = tl.load(pw_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                d = d * _rstd(d, n, eps) * pw
-            x = x + d
-            tl.store(xr + offs, x, mask=m)
-        o = _cast(x * _rstd(x, n, eps) * w, out_ptr.dtype.element_ty, RNE)
-        tl.store(orow + offs, o, mask=m)
-        if Q8:  # one row (a decode token): its int8 form for the next GEMV, from the rounded values
-            g = tl.arange(0, BLOCK // 32)[:, None]
-            quantize_store(tl.reshape(o.to(tl.float32), [BLOCK // 32, 32]), g, g < n // 32, xq_ptr, xd_ptr, xs_ptr)
-            zero_share(y_ptr, 0, share, n_zero, ZB)
+        add_norm_row(x, d, w, pw, xr, orow, offs, m, n, eps, xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share,
+                     HAS_DELTA, HAS_POST, BLOCK, RNE, Q8, ZB)
     else:
         # Streamed: h + delta is summed in one pass and formed again in the next (from cache)
         # rather than stored and read back, which would need the writing and reading threads
@@ -119,6 +114,27 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x,
 
 
 @triton.jit
+def add_norm_row(x, d, w, pw, xr, orow, offs, m, n, eps, xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share,
+                 HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr,
+                 Q8: tl.constexpr, ZB: tl.constexpr):
+    """The rest of a row held whole, its values loaded ([BLOCK / 4, 4] tiles at offs): x +=
+    (post-normed) d, stored back at xr when HAS_DELTA; rms_norm(x) * w cast and stored at orow;
+    with Q8 (one row) its int8 form for the next GEMV, from the rounded values. Shared with the
+    all-reduce that ends in this norm (kernels/allreduce.py)."""
+    if HAS_DELTA:
+        if HAS_POST:
+            d = d * _rstd(d, n, eps) * pw
+        x = x + d
+        tl.store(xr + offs, x, mask=m)
+    o = _cast(x * _rstd(x, n, eps) * w, orow.dtype.element_ty, RNE)
+    tl.store(orow + offs, o, mask=m)
+    if Q8:
+        g = tl.arange(0, BLOCK // 32)[:, None]
+        quantize_store(tl.reshape(o.to(tl.float32), [BLOCK // 32, 32]), g, g < n // 32, xq_ptr, xd_ptr, xs_ptr)
+        zero_share(y_ptr, 0, share, n_zero, ZB)
+
+
+@triton.jit
 def _chunk(xr, dr, pw_ptr, o, m, rd, HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr):
     # x, or h + (post-normed) delta, over one chunk of a streamed row
     x = tl.load(xr + o, mask=m, other=0.0).to(tl.float32)
@@ -131,7 +147,7 @@ def _chunk(xr, dr, pw_ptr, o, m, rd, HAS_DELTA: tl.constexpr, HAS_POST: tl.const
 
 
 @functools.lru_cache(maxsize=None)
-def _norm_config(n: int, max_tile: int) -> dict:
+def norm_config(n: int, max_tile: int) -> dict:
     block = max(16, triton.next_power_of_2(n))
     chunks = 1
     if block > max_tile:
@@ -140,36 +156,41 @@ def _norm_config(n: int, max_tile: int) -> dict:
     return dict(BLOCK=block, NCHUNK=chunks, num_warps=_warps_for(block, 32), num_stages=1)
 
 
-def _rows(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
+def row_view(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
     if t.shape[-1] != n:
         raise ValueError(f"{what}: last dimension {t.shape[-1]} != the weight's {n}")
     t2 = t.reshape(-1, n)
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def norm_int8(out2: torch.Tensor, q8: Int8Request | None, cfg: dict, dummy: torch.Tensor):
+    """(qx, launch arguments, launch keywords) of a norm kernel writing out2 [rows, n]: with q8
+    and a row it can quantize (one row of a multiple of 32 values held whole) it also writes
+    out2's int8 form, qx a QuantizedX; else qx is None."""
+    rows, n = out2.shape
+    qx = new_quantized(out2, q8) if q8 is not None and rows == 1 and n % 32 == 0 and cfg["NCHUNK"] == 1 else None
+    return (qx, *producer_args(qx, rows, dummy))
+
+
 def _launch_norm(x2, d2, pw, w, out2, eps, max_tile, q8: Int8Request | None = None):
-    """Launch the norm kernel; with q8 (and a row it can quantize: one row of a multiple of 32
-    values held whole) it also writes out2's int8 form, returned as a QuantizedX (else None)."""
+    """Launch the norm kernel; with q8 (and a row it can quantize) it also writes out2's int8
+    form, returned as a QuantizedX (else None)."""
     n = w.numel()
     rows = x2.shape[0]
     if rows == 0:
         return None
-    cfg = _norm_config(n, max_tile)
-    qx = None
-    if q8 is not None and rows == 1 and n % 32 == 0 and cfg["NCHUNK"] == 1:
-        qx = new_quantized(out2, q8)
-    dummy = x2
-    q8_args, q8_kw = producer_args(qx, rows, dummy)
+    cfg = norm_config(n, max_tile)
+    qx, q8_args, q8_kw = norm_int8(out2, q8, cfg, x2)
     pdl = use_pdl(x2)
     _add_rms_norm_kernel[(rows,)](
-        x2, d2 if d2 is not None else dummy, pw if pw is not None else dummy, w, out2, n, float(eps),
+        x2, d2 if d2 is not None else x2, pw if pw is not None else x2, w, out2, n, float(eps),
         x2.stride(0), d2.stride(0) if d2 is not None else 0, out2.stride(0),
         *q8_args, HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=pdl,
         **launch_kw(pdl), **q8_kw, **cfg)
     return qx
 
 
-def _with_int8(out: torch.Tensor, qx: QuantizedX | None):
+def with_int8(out: torch.Tensor, qx: QuantizedX | None):
     return out if qx is None else qx._replace(x=out)
 
 
@@ -180,9 +201,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     held in registers. q8: the next GEMV's request; where the kernel can, the result comes as a
     QuantizedX (tpruntime/qweight.py) with its int8 form."""
     n = weight.numel()
-    x2 = _rows(x, n, "rms_norm")
+    x2 = row_view(x, n, "rms_norm")
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    return _with_int8(out, _launch_norm(x2, None, None, weight.contiguous(), out.view(-1, n), eps, max_tile, q8))
+    return with_int8(out, _launch_norm(x2, None, None, weight.contiguous(), out.view(-1, n), eps, max_tile, q8))
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
@@ -197,12 +218,12 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     if delta.shape != h.shape:
         raise ValueError(f"add_rms_norm: delta {tuple(delta.shape)} != h {tuple(h.shape)}")
     n = weight.numel()
-    h2 = _rows(h, n, "add_rms_norm")
+    h2 = row_view(h, n, "add_rms_norm")
     out = torch.empty(h.shape, dtype=out_dtype, device=h.device)
     pw = post_weight.contiguous() if post_weight is not None else None
-    qx = _launch_norm(h2, _rows(delta, n, "add_rms_norm"), pw, weight.contiguous(), out.view(-1, n), eps,
+    qx = _launch_norm(h2, row_view(delta, n, "add_rms_norm"), pw, weight.contiguous(), out.view(-1, n), eps,
                       max_tile, q8)
-    return h, _with_int8(out, qx)
+    return h, with_int8(out, qx)
 
 
 # --- q/k norm, rope, KV-cache store ----------------------------------------------------------
@@ -385,7 +406,7 @@ def act_mul(gate_up: torch.Tensor, n_ff: int, act: str = "silu",
         _act_mul_kernel[grid](
             g2, out, n_ff, g2.stride(0), n_ff, *q8_args,
             ACT=_ACTS[act], RNE=interpreting(), PDL=pdl, **launch_kw(pdl), **q8_kw, **cfg)
-    return _with_int8(out, qx)
+    return with_int8(out, qx)
 
 
 __all__ = ["MAX_TILE", "rms_norm", "add_rms_norm", "qk_norm_rope_store", "act_mul"]

@@ -68,11 +68,47 @@ def symm_mem_one_shot(n: int, dtype: torch.dtype, device: torch.device, src: tor
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
 
 
+def norm_table(comm, device: torch.device, args) -> None:
+    """A decode step's all-reduce and the residual add + RMSNorm after it, one token of each
+    hidden size: NCCL then the fused add + norm kernel, our one-shot then that kernel, and the
+    one kernel doing all of it (TPRUNTIME_FUSED_AR's path), per wire dtype."""
+    import torch.distributed as dist
+
+    from tpruntime.comm import REDUCE_DTYPES, P2POneShot
+    from tpruntime.ops import TritonOps
+    ops, rows = TritonOps(), []
+    for rt in args.reduce_type:
+        dtype = comm.reduce_dtype = REDUCE_DTYPES[rt]
+        one = P2POneShot(dist.group.WORLD, device, dtype, fused_norm=True)
+        for n in args.norm_widths:
+            h = torch.zeros(1, n, device=device)
+            p = fill(n, comm.rank, torch.float32, device).reshape(1, n)
+            w = torch.ones(n, device=device)
+            cases = {"nccl": lambda: ops.add_rms_norm(h, comm.all_reduce(p), w, 1e-6, out_dtype=torch.bfloat16),
+                     "one_shot": lambda: ops.add_rms_norm(h, one(p), w, 1e-6, out_dtype=torch.bfloat16),
+                     "fused": lambda: one.add_rms_norm(h, p, w, 1e-6, out_dtype=torch.bfloat16)}
+            row = dict(n=n, bytes=n * 4, reduce=rt, ranks=comm.world_size)
+            for key, fn in cases.items():
+                row[key + "_us"] = 1e6 * time_per_call(fn, args.iters, device)
+            rows.append(row)
+    if comm.rank == 0:
+        lines = [f"all-reduce + residual add + RMSNorm of one token, {comm.world_size} ranks; µs per step "
+                 "(CUDA-graph replays; the normed output in bf16)", "",
+                 "| hidden | f32 bytes | wire | NCCL + add_rms_norm | one-shot + add_rms_norm | one kernel |",
+                 "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['n']} | {r['bytes']} | {r['reduce']} | {r['nccl_us']:.1f} | {r['one_shot_us']:.1f} "
+                         f"| {r['fused_us']:.1f} |")
+        save(args.out, "allreduce_norm", "\n".join(lines), rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["4K", "16K", "64K", "256K", "1M"], help="message bytes")
     ap.add_argument("--reduce-type", nargs="+", default=["f32", "bf16"], choices=["f32", "f16", "bf16"])
     ap.add_argument("--iters", type=int, default=200, help="calls per timing on the CPU")
+    ap.add_argument("--norm-widths", nargs="*", type=int, default=[4096, 5120],
+                    help="hidden sizes for the all-reduce + add + RMSNorm table (CUDA; none: skip it)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -85,8 +121,9 @@ def main() -> None:
     device = torch.device(f"cuda:{local}") if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    # one process group for the run; the reduce dtype is an attribute of the comm object
-    comm = DistComm(device, reduce_type=args.reduce_type[0])
+    # one process group for the run; the reduce dtype is an attribute of the comm object; its own
+    # all-reduce is NCCL's (gloo's) column, the one-shot paths are made apart
+    comm = DistComm(device, reduce_type=args.reduce_type[0], all_reduce="nccl")
     one_shots = {}  # (path, wire dtype) -> the runtime's one-shot paths
     rows = []
     for rt in args.reduce_type:
@@ -134,6 +171,8 @@ def main() -> None:
                           else [r.get(key, "not on CPU"), "–"])
             lines.append("| " + " | ".join(cells) + " |")
         save(args.out, "allreduce", "\n".join(lines), rows)
+    if device.type == "cuda" and args.norm_widths:
+        norm_table(comm, device, args)
     comm.barrier()
     comm.close()
 

@@ -39,14 +39,18 @@ sweep() {  # sweep LABEL SHAPE NP [extra flags]
   grep -E "^\||rror|^rc " "$OUT/$label-$shape-np$np.txt" | tail -9 | tee -a "$SUM"
 }
 
+armode() {  # armode CMD... : CMD under --all-reduce $ar; "fused" is one-shot ending in the norm
+  if [ "$ar" = fused ]; then TPRUNTIME_FUSED_AR=1 "$@" --all-reduce one-shot; else "$@" --all-reduce "$ar"; fi
+}
+
 for st in $STAGES; do case $st in
   tests)  # TESTS narrows the GPU test files
     timeout 300 python3 -m pytest -q -m gpu ${TESTS:-tests/test_fused_kernels.py tests/test_decode_attention.py \
         tests/test_dequant_kernel.py tests/test_gemv_q8.py tests/test_kernels.py tests/test_models.py} > "$OUT/gpu_tests.txt" 2>&1
     echo "gpu tests: $(tail -1 "$OUT/gpu_tests.txt")" | tee -a "$SUM" ;;
-  bench8)  for np in $NPS; do for ar in ${ARMODES:-nccl}; do sweep kernels-$ar qwen3-8b "$np" --all-reduce $ar; done; done ;;
+  bench8)  for np in $NPS; do for ar in ${ARMODES:-nccl}; do armode sweep kernels-$ar qwen3-8b "$np"; done; done ;;
   base8)   sweep torch-bf16 qwen3-8b 1 --dense-weights --no-fused-ops ;;
-  bench32) for np in $NPS; do for ar in ${ARMODES:-nccl}; do sweep kernels-$ar qwen3-32b "$np" --all-reduce $ar; done; done ;;
+  bench32) for np in $NPS; do for ar in ${ARMODES:-nccl}; do armode sweep kernels-$ar qwen3-32b "$np"; done; done ;;
   long32)  # decode at depth 32768 (the long-context target): prefill 32k, then time decode
     timeout 300 python3 scripts/profile_decode.py "$(model qwen3-32b)" --depth 32768 --steps 20 --no-profile \
         > "$OUT/long32.txt" 2>&1; grep -E "t/s|rror" "$OUT/long32.txt" | tee -a "$SUM" ;;

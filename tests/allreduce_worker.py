@@ -62,11 +62,64 @@ def main() -> None:
             raise AssertionError(f"replay {it}: wrong sum")
     torch.cuda.synchronize()
     print(f"rank {comm.rank}: {REPLAYS} replays ok", flush=True)
+    if getattr(comm.one_shot, "norm_peers", None) is not None:
+        check_reduce_add_rms_norm(comm, dev)
+        print(f"rank {comm.rank}: all-reduce + add + norm ok", flush=True)
     dist.barrier()
     print(f"ok rank {comm.rank}", flush=True)
     del graph, outs  # a graph holding NCCL kernels blocks destroy_process_group (pytorch#115388)
     comm.close()
     faulthandler.cancel_dump_traceback_later()
+
+
+def check_reduce_add_rms_norm(comm: DistComm, dev: torch.device) -> None:
+    """The all-reduce that ends in the residual add and the next norm (one kernel) against the
+    all-reduce followed by the fused add + norm kernel: the same bits, eagerly on decode shapes
+    (with the int8 form, with Gemma's post-norm), then over graph replays with fresh inputs."""
+    from tpruntime.ops import TritonOps
+    from tpruntime.qweight import Int8Request
+    ops, eps = TritonOps(), 1e-6
+    same = torch.Generator(device=dev).manual_seed(5)  # the residual stream is the same on every rank
+    own = torch.Generator(device=dev).manual_seed(200 + comm.rank)
+    for rows, n, post, q8 in [(1, 4096, False, True), (1, 5120, True, True), (3, 5120, False, False),
+                              (8, 2560, False, False), (1, 100, False, False), (1, 8192, False, True)]:
+        h = torch.randn(rows, n, generator=same, device=dev) * 3
+        w = 0.5 + torch.rand(n, generator=same, device=dev)
+        pw = 0.5 + torch.rand(n, generator=same, device=dev) if post else None
+        partial = torch.randn(rows, n, generator=own, device=dev)
+        h_ref = h.clone()
+        _, ref = ops.add_rms_norm(h_ref, comm.all_reduce(partial), w, eps, post_weight=pw,
+                                  out_dtype=torch.bfloat16, q8=Int8Request(7) if q8 else None)
+        _, got = comm.reduce_add_rms_norm(ops, h, partial, w, eps, post_weight=pw, out_dtype=torch.bfloat16,
+                                          q8=Int8Request(7) if q8 else None)
+        assert torch.equal(h, h_ref), (rows, n, "residual")
+        for k in ("x", "xq", "xd", "xs") if q8 else ():
+            assert torch.equal(getattr(got, k), getattr(ref, k)), (rows, n, k)
+        assert q8 or torch.equal(got, ref), (rows, n, "normed")
+        assert not q8 or not got.y.any()
+    # 8 in a row in one graph, as in a decode step; small integers: exact sums, so a stale flag
+    # or a peer's buffer read before it was written shows
+    n = 5120
+    w = 0.5 + torch.rand(n, generator=same, device=dev)
+    h = torch.zeros(1, n, device=dev)
+    parts = torch.zeros(8, 1, n, device=dev)
+    comm.reduce_add_rms_norm(ops, h, parts[0], w, eps)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [comm.reduce_add_rms_norm(ops, h, parts[i], w, eps, out_dtype=torch.bfloat16)[1] for i in range(8)]
+    base = (torch.arange(8 * n, device=dev) % 5).reshape(8, 1, n).float()
+    for it in range(500):
+        h.fill_(float(it % 13))
+        parts.copy_(base + (it % 97) + comm.rank)
+        graph.replay()
+        want = (it % 13) + (comm.world_size * (base + (it % 97)) + sum(range(comm.world_size))).sum(0)
+        if not torch.equal(h, want):
+            raise AssertionError(f"replay {it}: wrong residual")
+        if not torch.equal(outs[-1], ops.rms_norm(h, w, eps, torch.bfloat16)):
+            raise AssertionError(f"replay {it}: wrong norm")
+    torch.cuda.synchronize()
+    del graph
 
 
 if __name__ == "__main__":

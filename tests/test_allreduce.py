@@ -21,10 +21,11 @@ pytestmark = [pytest.mark.gpu,
 WORKER = Path(__file__).with_name("allreduce_worker.py")
 
 
-def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float = 240, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """cmd in its own process group, all of it killed at the time limit: torchrun's workers
     hold the output pipes, so killing torchrun alone would leave the test waiting on them."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**env(), **(extra_env or {})},
                          start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -50,13 +51,23 @@ def test_all_reduce_equals_nccl(mode, reduce_type):
     assert r.returncode == 0 and r.stdout.count("ok rank") == 2, (r.stdout[-2000:], r.stderr[-3000:])
 
 
+def test_all_reduce_ending_in_the_norm_equals_the_two_kernels():
+    """TPRUNTIME_FUSED_AR=1: the worker also checks comm.reduce_add_rms_norm (all-reduce, add
+    and norm in one kernel) against the all-reduce followed by the fused add + norm."""
+    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             str(WORKER), "one-shot", "f32"], extra_env={"TPRUNTIME_FUSED_AR": "1"})
+    assert r.returncode == 0 and r.stdout.count("all-reduce + add + norm ok") == 2, (r.stdout[-2000:],
+                                                                                     r.stderr[-3000:])
+
+
 def test_tp2_tokens_under_each_all_reduce(tiny_models):
     ids = {}
-    for mode in ("nccl", "symm-mem", "one-shot", "auto"):
+    for mode in ("nccl", "symm-mem", "one-shot", "auto", "fused"):
         r = run([sys.executable, "-m", "tpruntime", "launch", "--nproc-per-node", "2", "generate",
                  "-m", str(tiny_models["tiny-qwen3"]), "-p", "the quick brown fox", "-n", "24",
                  "--temp", "0", "-c", "96", "--device", "cuda", "--dtype", "f32", "--print-ids",
-                 "--all-reduce", mode])
+                 "--all-reduce", "one-shot" if mode == "fused" else mode],
+                extra_env={"TPRUNTIME_FUSED_AR": "1"} if mode == "fused" else None)
         assert r.returncode == 0, r.stderr[-3000:]
         ids[mode] = next(ln for ln in r.stderr.splitlines() if ln.startswith("ids: "))
-    assert ids["symm-mem"] == ids["one-shot"] == ids["nccl"] == ids["auto"]
+    assert ids["symm-mem"] == ids["one-shot"] == ids["nccl"] == ids["auto"] == ids["fused"]

@@ -18,7 +18,10 @@ from conftest import CUDA
 pytest.importorskip("triton", reason="triton is not installed (it belongs in the test extra)")
 pytestmark = pytest.mark.skipif(CUDA, reason="CPU interpreter check; the GPU runs tests/test_allreduce.py")
 
-from tpruntime.kernels.allreduce import BLOCK, PeerBuffers, one_shot_all_reduce  # noqa: E402
+from tpruntime.kernels import fused  # noqa: E402
+from tpruntime.kernels.allreduce import (BLOCK, ROW, PeerBuffers, fits_add_rms_norm, one_shot_add_rms_norm,  # noqa: E402
+                                         one_shot_all_reduce)
+from tpruntime.qweight import Int8Request  # noqa: E402
 
 SIZES = [1, 700, BLOCK, 2 * BLOCK + 5, 700, 1, 3 * BLOCK, 2 * BLOCK + 5]
 
@@ -28,26 +31,22 @@ def ints(n: int, call: int, rank: int) -> torch.Tensor:
     return ((torch.arange(n) % 5) + 3 * call + rank).float()
 
 
-def _rank(r: int, world: int, bufs, flags, inputs, results) -> None:
-    """One rank: the same calls as every other, inputs[i][r] in, results[i][r] out."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    peers = PeerBuffers(bufs[r], flags[r], torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64),
-                        torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64),
-                        torch.zeros(flags[r].numel() // world, dtype=torch.int64), r, world)
-    for i, x in enumerate(inputs):
-        out = one_shot_all_reduce(x[r], peers)
-        results[i][r].copy_(out)
+def peer_view(r: int, world: int, bufs, flags) -> PeerBuffers:
+    """Rank r's view of the shared buffers, each at this process's own addresses."""
+    return PeerBuffers(bufs[r], flags[r], torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64),
+                       torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64),
+                       torch.zeros(flags[r].numel() // world, dtype=torch.int64), r, world)
 
 
-def run_ranks(world: int, inputs: list[torch.Tensor], dtype=torch.float32) -> list[torch.Tensor]:
-    """inputs[i]: [world, ...], rank r's input of call i; returns results[i], [world, ...]."""
-    n_buf, n_flags = PeerBuffers.sizes(max(x[0].numel() for x in inputs), world)
-    bufs = [torch.full((n_buf,), float("nan"), dtype=dtype).share_memory_() for _ in range(world)]
-    flags = [torch.zeros(n_flags, dtype=torch.int64).share_memory_() for _ in range(world)]
-    inputs = [x.share_memory_() for x in inputs]
-    results = [torch.full(x.shape, float("nan")).share_memory_() for x in inputs]
-    ctx = mp.start_processes(_rank, args=(world, bufs, flags, inputs, results), nprocs=world, join=False,
-                             start_method="spawn")
+def shared(world: int, max_elems: int, dtype, unit: int = BLOCK):
+    """Every rank's buffer (NaN: a value read before it was written shows) and flags."""
+    n_buf, n_flags = PeerBuffers.sizes(max_elems, world, unit)
+    return ([torch.full((n_buf,), float("nan"), dtype=dtype).share_memory_() for _ in range(world)],
+            [torch.zeros(n_flags, dtype=torch.int64).share_memory_() for _ in range(world)])
+
+
+def join_ranks(fn, args, world: int) -> None:
+    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
     # a rank left waiting for a flag would hang the test: give up after a bound instead
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):  # (True once every rank has exited; raises if one failed)
@@ -55,6 +54,23 @@ def run_ranks(world: int, inputs: list[torch.Tensor], dtype=torch.float32) -> li
             for p in ctx.processes:
                 p.kill()
             raise AssertionError("a rank is still waiting for a flag after 240 s")
+
+
+def _rank(r: int, world: int, bufs, flags, inputs, results) -> None:
+    """One rank: the same calls as every other, inputs[i][r] in, results[i][r] out."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    peers = peer_view(r, world, bufs, flags)
+    for i, x in enumerate(inputs):
+        out = one_shot_all_reduce(x[r], peers)
+        results[i][r].copy_(out)
+
+
+def run_ranks(world: int, inputs: list[torch.Tensor], dtype=torch.float32) -> list[torch.Tensor]:
+    """inputs[i]: [world, ...], rank r's input of call i; returns results[i], [world, ...]."""
+    bufs, flags = shared(world, max(x[0].numel() for x in inputs), dtype)
+    inputs = [x.share_memory_() for x in inputs]
+    results = [torch.full(x.shape, float("nan")).share_memory_() for x in inputs]
+    join_ranks(_rank, (world, bufs, flags, inputs, results), world)
     return results
 
 
@@ -88,3 +104,113 @@ def test_rejects_a_message_larger_than_the_buffer():
                         torch.zeros(2, dtype=torch.int64), torch.zeros(n_flags // 2, dtype=torch.int64), 0, 2)
     with pytest.raises(ValueError, match="exceed the buffer"):
         one_shot_all_reduce(torch.zeros(BLOCK + 1), peers)
+
+
+# --- the all-reduce that ends in the residual add and the next RMSNorm -------------------------
+
+EPS = 1e-6
+# (rows, n, post-norm, output dtype, int8 form for the next GEMV): one decode token with its int8
+# form (Gemma's post-norm and not), several rows, a masked row tail; each case twice, between
+# plain all-reduces on their own buffers, so both slots, old flags and both protocols are in play.
+NORM_CASES = [(1, 96, False, torch.bfloat16, True), (3, 200, True, torch.float32, False),
+              (1, 96, True, torch.bfloat16, True), (2, 64, False, torch.bfloat16, False)] * 2
+
+
+def norm_inputs(world: int):
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for rows, n, post, _, _ in NORM_CASES:
+        out.append(dict(h=(torch.randn(rows, n, generator=g) * 2).share_memory_(),  # the same on every rank
+                        # bf16 values: the interpreter truncates a cast to bf16 where the GPU
+                        # rounds, so the wire carries them exactly on both
+                        partial=torch.randn(world, rows, n, generator=g).bfloat16().float().share_memory_(),
+                        w=(0.5 + torch.rand(n, generator=g)).share_memory_(),
+                        pw=(0.5 + torch.rand(n, generator=g)).share_memory_() if post else None,
+                        plain=torch.stack([ints(700, len(out), r) for r in range(world)]).share_memory_()))
+    return out
+
+
+def _norm_rank(r: int, world: int, bufs, flags, nbufs, nflags, cases, results) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    peers, npeers = peer_view(r, world, bufs, flags), peer_view(r, world, nbufs, nflags)
+    for (rows, n, _, out_dtype, q8), case, res in zip(NORM_CASES, cases, results):
+        res["plain"][r].copy_(one_shot_all_reduce(case["plain"][r], peers))
+        h = case["h"].clone()
+        h2, out = one_shot_add_rms_norm(h, case["partial"][r], case["w"], EPS, npeers, post_weight=case["pw"],
+                                        out_dtype=out_dtype, q8=Int8Request(5) if q8 else None)
+        assert h2.data_ptr() == h.data_ptr()  # in place
+        res["h"][r].copy_(h)
+        if q8:
+            res["out"][r].copy_(out.x.float())
+            for k in ("xq", "xd", "xs", "y"):
+                res[k][r].copy_(getattr(out, k).float())
+        else:
+            res["out"][r].copy_(out.float())
+
+
+@pytest.mark.parametrize("world,wire", [(2, torch.float32), (3, torch.float32), (2, torch.bfloat16)])
+def test_all_reduce_add_rms_norm_equals_the_two_kernels(world, wire):
+    """Every rank's residual, normed output and int8 form equal, bit for bit, what the plain
+    all-reduce followed by the fused add + norm kernel produce (the sum in rank order, in the wire
+    dtype's values), and the plain all-reduces interleaved on their own buffers stay exact."""
+    cases = norm_inputs(world)
+    bufs, flags = shared(world, 700, wire)
+    nbufs, nflags = shared(world, 3 * ROW, wire, unit=ROW)
+    results = []
+    for (rows, n, _, _, q8), case in zip(NORM_CASES, cases):
+        res = {k: torch.full((world, rows, n), float("nan")).share_memory_() for k in ("h", "out")}
+        res["plain"] = torch.full((world, 700), float("nan")).share_memory_()
+        if q8:
+            for k, size in (("xq", n), ("xd", n // 32), ("xs", n // 16), ("y", 5)):
+                res[k] = torch.full((world, size), float("nan")).share_memory_()
+        results.append(res)
+    join_ranks(_norm_rank, (world, bufs, flags, nbufs, nflags, cases, results), world)
+    for (rows, n, _, out_dtype, q8), case, res in zip(NORM_CASES, cases, results):
+        assert torch.equal(res["plain"], case["plain"].sum(0).expand(world, -1))
+        total = torch.zeros(rows, n)
+        for r in range(world):
+            total = total + case["partial"][r]
+        h_ref = case["h"].clone()
+        _, ref = fused.add_rms_norm(h_ref, total, case["w"], EPS, post_weight=case["pw"], out_dtype=out_dtype,
+                                    q8=Int8Request(5) if q8 else None)
+        for r in range(world):
+            assert torch.equal(res["h"][r], h_ref), (r, rows, n)
+            assert torch.equal(res["out"][r], (ref.x if q8 else ref).float()), (r, rows, n)
+            if q8:
+                for k in ("xq", "xd", "xs"):
+                    assert torch.equal(res[k][r], getattr(ref, k).float()), (r, k)
+                assert not res["y"][r].any()  # the next GEMV's split-K output, zeroed
+
+
+def test_all_reduce_add_rms_norm_limits():
+    """Rows beyond the buffer's, or a row the norm cannot hold whole, are not taken (the caller
+    falls back to the all-reduce and the separate norm); asked anyway, it refuses."""
+    n_buf, n_flags = PeerBuffers.sizes(2 * ROW, 2, ROW)
+    peers = PeerBuffers(torch.zeros(n_buf), torch.zeros(n_flags, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+                        torch.zeros(2, dtype=torch.int64), torch.zeros(n_flags // 2, dtype=torch.int64), 0, 2)
+    assert fits_add_rms_norm(peers, 2, ROW) and fits_add_rms_norm(peers, 1, 5120)
+    assert not fits_add_rms_norm(peers, 3, 64) and not fits_add_rms_norm(peers, 1, ROW + 1)
+    assert not fits_add_rms_norm(peers, 0, 64)
+    with pytest.raises(ValueError, match="exceed the buffer"):
+        one_shot_add_rms_norm(torch.zeros(3, 64), torch.zeros(3, 64), torch.ones(64), EPS, peers)
+
+
+def _one_norm_call(r: int, world: int, nbufs, nflags, h, partial, w) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    one_shot_add_rms_norm(h[r], partial[r], w, EPS, peer_view(r, world, nbufs, nflags), out_dtype=torch.float32)
+
+
+def test_all_reduce_add_rms_norm_rows_have_slots_of_their_own():
+    """Each row's program publishes its row at its own place in the slot (row t at t * ROW): on
+    a GPU the rows' programs run at once, so rows sharing a place would overwrite each other
+    (the interpreter runs programs one after another and could not show it by the sums)."""
+    world, rows, n = 2, 3, 96
+    nbufs, nflags = shared(world, rows * ROW, torch.float32, unit=ROW)
+    h = torch.zeros(world, rows, n).share_memory_()
+    partial = torch.randn(world, rows, n, generator=torch.Generator().manual_seed(3)).share_memory_()
+    w = torch.ones(n).share_memory_()
+    join_ranks(_one_norm_call, (world, nbufs, nflags, h, partial, w), world)
+    for r in range(world):
+        for t in range(rows):
+            assert torch.equal(nbufs[r][t * ROW:t * ROW + n], partial[r][t]), (r, t)
+        assert torch.equal(h[r], partial.sum(0))

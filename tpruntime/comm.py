@@ -33,6 +33,11 @@ def check_all_reduce_mode(mode: str) -> None:
 # H200s our one-shot beat NCCL from 4 KB (4.9 vs 9.6 us) to 1 MB (9.5 vs 17.6 us).
 ONE_SHOT_MAX_BYTES = 1 << 20
 
+# Our one-shot all-reduce also ends in the residual add and the next RMSNorm where the sum feeds
+# them (every all-reduce of a decode step): one launch where there were two. Opt-in
+# (TPRUNTIME_FUSED_AR=1) until it has been measured on GPUs.
+FUSED_AR = os.environ.get("TPRUNTIME_FUSED_AR", "0") == "1"
+
 # A step message from the coordinator: [command, pos0, n_tokens, all_logits, tokens...].
 CMD_FORWARD, CMD_STOP = 1, 2
 HEADER = 4
@@ -48,6 +53,14 @@ class Comm:
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of a row-parallel layer's partial result, as float32."""
         return partial.float()
+
+    def reduce_add_rms_norm(self, ops, h: torch.Tensor, partial: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                            post_weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+                            q8=None):
+        """ops.add_rms_norm(h, all_reduce(partial), ...): h += the sum over ranks (post-normed
+        first with post_weight), in place; returns (h, rms_norm(h) * weight)."""
+        return ops.add_rms_norm(h, self.all_reduce(partial), weight, eps, post_weight=post_weight,
+                                out_dtype=out_dtype, q8=q8)
 
     def gather_vocab(self, logits: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
         """Each rank's vocabulary slice of the logits, concatenated in rank order on rank 0."""
@@ -162,23 +175,30 @@ class P2POneShot:
     rank order, all in one launched kernel that is also a programmatic dependent) over buffers
     and flags in torch symmetric memory, for the ranks of one host."""
 
-    def __init__(self, group, device: torch.device, dtype: torch.dtype, max_bytes: int = ONE_SHOT_MAX_BYTES):
+    def __init__(self, group, device: torch.device, dtype: torch.dtype, max_bytes: int = ONE_SHOT_MAX_BYTES,
+                 fused_norm: bool = FUSED_AR):
+        from .kernels.allreduce import BLOCK, MAX_ROWS, ROW
+        self.dtype = dtype
+        self.peers = self._peer_buffers(group, device, max_bytes // dtype.itemsize, BLOCK)
+        # the all-reduce ending in a norm counts its calls apart: buffers and flags of its own
+        self.norm_peers = self._peer_buffers(group, device, MAX_ROWS * ROW, ROW) if fused_norm else None
+        torch.cuda.synchronize(device)  # every rank's flags are zero before any rank sets one
+        dist.barrier(group)
+
+    def _peer_buffers(self, group, device: torch.device, max_elems: int, unit: int):
         import torch.distributed._symmetric_memory as symm_mem
 
         from .kernels.allreduce import PeerBuffers
-        n_buf, n_flags = PeerBuffers.sizes(max_bytes // dtype.itemsize, dist.get_world_size(group))
-        buf = symm_mem.empty(n_buf, dtype=dtype, device=device)
+        n_buf, n_flags = PeerBuffers.sizes(max_elems, dist.get_world_size(group), unit)
+        buf = symm_mem.empty(n_buf, dtype=self.dtype, device=device)
         flags = symm_mem.empty(n_flags, dtype=torch.int64, device=device)
         flags.zero_()
         hb = symm_mem.rendezvous(buf, group.group_name)
         hf = symm_mem.rendezvous(flags, group.group_name)
-        self.peers = PeerBuffers(buf, flags, torch.tensor(hb.buffer_ptrs, dtype=torch.int64, device=device),
-                                 torch.tensor(hf.buffer_ptrs, dtype=torch.int64, device=device),
-                                 torch.zeros(n_flags // hb.world_size, dtype=torch.int64, device=device),
-                                 hb.rank, hb.world_size)
-        self.dtype = dtype
-        torch.cuda.synchronize(device)  # every rank's flags are zero before any rank sets one
-        dist.barrier(group)
+        return PeerBuffers(buf, flags, torch.tensor(hb.buffer_ptrs, dtype=torch.int64, device=device),
+                           torch.tensor(hf.buffer_ptrs, dtype=torch.int64, device=device),
+                           torch.zeros(n_flags // hb.world_size, dtype=torch.int64, device=device),
+                           hb.rank, hb.world_size)
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.numel() <= self.peers.slot_elems
@@ -186,6 +206,15 @@ class P2POneShot:
     def __call__(self, partial: torch.Tensor) -> torch.Tensor:
         from .kernels.allreduce import one_shot_all_reduce
         return one_shot_all_reduce(partial, self.peers)
+
+    def fits_norm(self, h: torch.Tensor, weight: torch.Tensor) -> bool:
+        from .kernels.allreduce import fits_add_rms_norm
+        n = weight.numel()
+        return self.norm_peers is not None and fits_add_rms_norm(self.norm_peers, h.numel() // max(n, 1), n)
+
+    def add_rms_norm(self, h: torch.Tensor, partial: torch.Tensor, weight: torch.Tensor, eps: float, **kw):
+        from .kernels.allreduce import one_shot_add_rms_norm
+        return one_shot_add_rms_norm(h, partial, weight, eps, self.norm_peers, **kw)
 
 
 def one_shot_problem(device: torch.device, world_size: int, local_world_size: int | None,
@@ -268,6 +297,19 @@ class DistComm(Comm):
         buf = partial.to(self.reduce_dtype)
         dist.all_reduce(buf)
         return buf.float()
+
+    @_collective
+    def reduce_add_rms_norm(self, ops, h: torch.Tensor, partial: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                            post_weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+                            q8=None):
+        """(One kernel where our one-shot path serves the sum and the fused ops the norm: the
+        same shapes on every rank, so every rank takes the same path.)"""
+        one = self.one_shot
+        if (ops.fused and isinstance(one, P2POneShot) and one.dtype == self.reduce_dtype
+                and one.fits_norm(h, weight)):
+            return one.add_rms_norm(h, partial, weight, eps, post_weight=post_weight, out_dtype=out_dtype, q8=q8)
+        return super().reduce_add_rms_norm(ops, h, partial, weight, eps, post_weight=post_weight,
+                                           out_dtype=out_dtype, q8=q8)
 
     @_collective
     def gather_vocab(self, logits: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:

@@ -42,14 +42,31 @@ class ColumnLinear:
         return int8_request(self.parts, n_tokens)
 
 
+@dataclass(frozen=True)
+class Partial:
+    """A row-parallel product not yet summed over ranks. Its consumer is always the residual
+    add (and, but at the end of a pipeline stage, the next norm), which sums it: where the
+    all-reduce and the add + norm can be one kernel, they are (Comm.reduce_add_rms_norm)."""
+
+    value: torch.Tensor
+    comm: Comm
+
+    def reduce(self) -> torch.Tensor:
+        return self.comm.all_reduce(self.value)
+
+    def __getitem__(self, rows) -> "Partial":
+        return Partial(self.value[rows], self.comm)
+
+
 class RowLinear:
-    """Sharded-to-all: this rank's input slice; the partial products are summed over ranks."""
+    """Sharded-to-all: this rank's input slice; the partial products, summed over ranks by
+    whoever adds them to the residual stream."""
 
     def __init__(self, weight, comm: Comm):
         self.weight, self.comm = weight, comm
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce(matmul(x, self.weight))
+    def __call__(self, x: torch.Tensor) -> Partial:
+        return Partial(matmul(x, self.weight), self.comm)
 
     def int8_request(self, n_tokens: int):
         return int8_request([self.weight], n_tokens)
@@ -124,7 +141,7 @@ class Attention:
         # graph serves every position; it takes query heads in whole groups.
         self.reads_n_keys = ops.decode_attention is not None and self.whole_groups and self.n_head > 0
 
-    def __call__(self, x: "torch.Tensor | QuantizedX", p: Positions, cache: KVCache) -> torch.Tensor:
+    def __call__(self, x: "torch.Tensor | QuantizedX", p: Positions, cache: KVCache) -> Partial:
         """x: the normed input (with its int8 form when the q/k/v product asked for one)."""
         T = dense(x).shape[0]
         if self.n_head == 0:  # this rank sits the layer's attention out: it adds nothing
@@ -200,14 +217,14 @@ class GatedFFN:
         self.n_ff = self.ffn_gate_up.sizes[0]
         self.act, self.ops, self.dtype = cfg.activation, ops, dtype
 
-    def __call__(self, x: "torch.Tensor | QuantizedX") -> torch.Tensor:
+    def __call__(self, x: "torch.Tensor | QuantizedX") -> Partial:
         gate_up = self.ffn_gate_up(x)
         return self.ffn_down(self.ops.act_mul(gate_up, self.n_ff, self.act, self.dtype,
                                               q8=self.ffn_down.int8_request(gate_up.shape[0])))
 
 
 # A block output not yet added to the residual stream, with the post-norm weight to apply first.
-Pending = Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]
+Pending = Optional[tuple[Partial, Optional[torch.Tensor]]]
 
 
 class DecoderBlock:
@@ -234,19 +251,20 @@ class DecoderBlock:
         T = h.shape[0]
         h, x = add_norm(self.ops, h, pending, self.attn_norm, self.eps, self.dtype,
                         q8=self.attn.attn_qkv.int8_request(T))
-        a = self.attn(x, p, cache)
-        h, x = self.ops.add_rms_norm(h, a, self.ffn_norm, self.eps, post_weight=self.post_attention_norm,
-                                     out_dtype=self.dtype, q8=self.ffn.ffn_gate_up.int8_request(T))
+        h, x = add_norm(self.ops, h, (self.attn(x, p, cache), self.post_attention_norm), self.ffn_norm,
+                        self.eps, self.dtype, q8=self.ffn.ffn_gate_up.int8_request(T))
         return h, (self.ffn(x), self.post_ffw_norm)
 
 
 def add_norm(ops, h: torch.Tensor, pending: Pending, weight: torch.Tensor, eps: float, dtype: torch.dtype,
              q8=None):
-    """(h + pending, rms_norm of that * weight), the add fused into the norm where there is one."""
+    """(h + pending summed over ranks, rms_norm of that * weight): the add fused into the norm
+    where there is one, and the all-reduce too where the group can (Comm.reduce_add_rms_norm)."""
     if pending is None:
         return h, ops.rms_norm(h, weight, eps, dtype, q8=q8)
     delta, post = pending
-    return ops.add_rms_norm(h, delta, weight, eps, post_weight=post, out_dtype=dtype, q8=q8)
+    return delta.comm.reduce_add_rms_norm(ops, h, delta.value, weight, eps, post_weight=post, out_dtype=dtype,
+                                          q8=q8)
 
 
 def settle(ops, h: torch.Tensor, pending: Pending, eps: float) -> torch.Tensor:
@@ -254,4 +272,5 @@ def settle(ops, h: torch.Tensor, pending: Pending, eps: float) -> torch.Tensor:
     if pending is None:
         return h
     delta, post = pending
-    return h.add_(ops.rms_norm(delta, post, eps, torch.float32) if post is not None else delta.float())
+    delta = delta.reduce()
+    return h.add_(ops.rms_norm(delta, post, eps, torch.float32) if post is not None else delta)
