@@ -257,8 +257,12 @@ class DistComm(Comm):
         """The one-shot path where `mode` allows it and every rank can take it, checked on
         exact data. Every rank reaches the same answer (they must all take the same path), and
         the collective set-up starts only once all ranks can go through with it."""
-        peers = [None] * self.world_size
-        dist.all_gather_object(peers, self.device.index, group=self._control)
+        views = [None] * self.world_size
+        dist.all_gather_object(views, (self.device.index, FUSED_AR), group=self._control)
+        peers = [d for d, _ in views]
+        # the all-reduce ending in the norm only where every rank was asked for it: a rank
+        # taking it while a peer does not would wait for that peer's flags forever
+        fused_norm = all(f for _, f in views)
         local = os.environ.get("LOCAL_WORLD_SIZE")
         problem = one_shot_problem(self.device, self.world_size, int(local) if local else None, peers)
         if problem is None and mode == "symm-mem" and not hasattr(torch.ops.symm_mem, "one_shot_all_reduce"):
@@ -267,8 +271,8 @@ class DistComm(Comm):
             return None
         problem, one_shot = None, None
         try:
-            kind = TorchOneShot if mode == "symm-mem" else P2POneShot
-            one_shot = kind(dist.group.WORLD, self.device, self.reduce_dtype)
+            one_shot = (TorchOneShot(dist.group.WORLD, self.device, self.reduce_dtype) if mode == "symm-mem"
+                        else P2POneShot(dist.group.WORLD, self.device, self.reduce_dtype, fused_norm=fused_norm))
             # small integers: exact in every wire dtype
             n = 1000
             got = one_shot((torch.arange(n, device=self.device) % 7 + self.rank).float())
