@@ -162,8 +162,9 @@ def one_shot_all_reduce(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
 
 
 def fits_add_rms_norm(peers: PeerBuffers, rows: int, n: int) -> bool:
-    """Whether one_shot_add_rms_norm serves rows x n over peers (sized for it: unit ROW)."""
-    return 0 < rows <= peers.slot_elems // ROW and n <= ROW and norm_config(n, MAX_TILE)["NCHUNK"] == 1
+    """Whether one_shot_add_rms_norm serves rows x n over peers (sized for it: unit ROW). A row
+    of up to ROW (= the norm's MAX_TILE) values is one the norm holds whole (NCHUNK 1)."""
+    return 0 < rows <= peers.slot_elems // ROW and n <= ROW
 
 
 def one_shot_add_rms_norm(h: torch.Tensor, partial: torch.Tensor, weight: torch.Tensor, eps: float,
