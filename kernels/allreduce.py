@@ -1,30 +1,36 @@
 """One-shot all-reduce over peer-to-peer memory (Triton), for the ranks of one host.
 
 Every rank owns, in memory that all its peers map (torch symmetric memory: tpruntime/comm.py),
-a data buffer of two slots and an array of flags. A call on n values runs cdiv(n, BLOCK)
-programs on every rank; program b of rank r, in its c-th call:
+a buffer of two slots, each with a region per source rank, filled with a bit pattern that no
+value on the wire takes (UNWRITTEN: the sign bit alone, -0.0, which travels as +0.0). A call on
+n values runs cdiv(n, BLOCK) programs on every rank; program b of rank r, in its c-th call:
 
-  1. copies chunk b of its input into slot c % 2 of its own buffer, in the wire dtype;
-  2. tells every rank that chunk b of call c is there: flag[b, r] of each rank := c + 1 (after
-     a barrier of the program's threads, with release semantics at system scope);
-  3. waits until each of its own flags[b, p] is >= c + 1 (acquire);
-  4. sums chunk b of every rank's slot, in rank order and in float32, so every rank holds the
-     same bits afterwards (the residual stream must not drift apart), and writes it out;
+  1. rounds chunk b of its input to the wire dtype and stores it straight into region r of slot
+     c % 2 of every peer's buffer (remote stores over NVLink, posted: nothing waits for them);
+  2. reads the peers' regions of slot c % 2 of its *own* buffer until no value there is
+     UNWRITTEN: each value says itself whether it has arrived (no flag, no fence, no remote
+     read, so one trip over NVLink instead of a flag's and then the pull's);
+  3. writes UNWRITTEN back over what it read, so the slot is ready for call c + 2;
+  4. sums the chunks in rank order, in float32 (its own from registers), so every rank holds
+     the same bits afterwards (the residual stream must not drift apart);
   5. counts the call: counter[b] := c + 1, in its own memory.
 
-c is the program's own count (counter[b]), so no host-side state is involved and a captured
-CUDA graph replays the whole protocol. Flags only grow, so one left from an earlier call never
-satisfies a later wait; a peer may already be one call ahead (it overwrote c + 1 by c + 2 after
-writing its chunk for c + 1 into the *other* slot), hence >=. A rank writes slot c % 2 again
-only in call c + 2, after it has seen every peer's flag for call c + 1, which each peer set in
-a kernel that began after its call c, with its reads of that slot, had finished. Peers' chunks
-are read with .cv loads (fetched again every time): an SM must not serve a peer's slot from
-its L1 two calls later.
+c is the program's own count, so no host-side state is involved and a captured CUDA graph
+replays the whole protocol. Why the slots cannot be mixed up: a peer stores into slot c % 2 of
+this rank again only in its call c + 2, which needs this rank's data of call c + 1, sent by a
+kernel that began after this one (with its reads and its clearing of slot c % 2) had ended;
+until then a peer can be at most one call ahead, in the other slot. Every value is stored and
+read as a whole aligned word (4 or 2 bytes), so a value half arrived is never taken. The polls
+are volatile loads: an SM must not serve its own buffer from L1.
+
+This is the push, flag-free one-shot (TensorRT-LLM calls its kernel of this kind "Lamport");
+the first version of this kernel pulled each chunk from the peer after a flag said it was
+there, a round trip more (docs/benchmarks.md has both).
 
 Why not NCCL: a decode-sized all-reduce (a token's hidden state, 8-20 KB) is latency, not
 bytes, and NCCL spends ~10 us per call inside a CUDA graph on 2 H200s; torch's own one-shot op
 (the library to beat) 6-7 us (docs/benchmarks.md). This kernel is one launch that also does
-the copy into the shared buffer, and is launched as a programmatic dependent like the others.
+the copy into the shared buffers, and is launched as a programmatic dependent like the others.
 """
 
 from __future__ import annotations
@@ -46,40 +52,46 @@ MAX_ROWS = 8
 
 
 @triton.jit
-def _exchange(x, offs, m, b, c, own_buf, own_flags, buf_ptrs, flag_ptrs, slot_elems,
-              RANK: tl.constexpr, WORLD: tl.constexpr, ALIGN: tl.constexpr):
-    """Steps 1-4 for program b in its call c: x (this rank's values, at offs of a slot) in, the
-    float32 sum over ranks out, in rank order. Slots start at multiples of ALIGN values."""
-    slot = (c % 2) * slot_elems
+def _exchange(x, offs, m, c, own_buf, own_bits, buf_ptrs, region, RANK: tl.constexpr, WORLD: tl.constexpr,
+              UNWRITTEN: tl.constexpr, ALIGN: tl.constexpr):
+    """Steps 1-4 for a program in its call c: x (this rank's values, at offs of a region) in,
+    the float32 sum over ranks out, in rank order. own_buf / own_bits: this rank's buffer as
+    the wire's floats and as integers of their width; regions of `region` values (a multiple
+    of ALIGN) at (slot * WORLD + source rank) * region."""
     wire = own_buf.dtype.element_ty
-    tl.store(own_buf + slot + offs, x.to(wire), mask=m)
-    tl.debug_barrier()  # every thread's part of the chunk is written before the signal
+    bits_ty = own_bits.dtype.element_ty
+    mine = x.to(wire).to(bits_ty, bitcast=True)
+    mine = tl.where(mine == UNWRITTEN, 0, mine)  # -0.0 travels as +0.0
+    slot = (c % 2) * WORLD
     for p in tl.static_range(WORLD):
-        peer_flags = tl.load(flag_ptrs + p).to(tl.pointer_type(tl.int64))
-        tl.atomic_xchg(peer_flags + b * WORLD + RANK, c + 1, sem="release", scope="sys")
-    for p in tl.static_range(WORLD):
-        while tl.atomic_add(own_flags + b * WORLD + p, 0, sem="acquire", scope="sys") < c + 1:
-            pass
-    tl.debug_barrier()
+        if p != RANK:
+            peer = tl.multiple_of(tl.load(buf_ptrs + p).to(tl.pointer_type(bits_ty)), 16)
+            dst = tl.multiple_of((slot + RANK) * region, ALIGN)
+            tl.store(peer + dst + offs, mine, mask=m)
     acc = tl.zeros(x.shape, tl.float32)
-    # (buffers are 16-byte aligned allocations and slots whole blocks: vector loads)
-    slot = tl.multiple_of(slot, ALIGN)
     for p in tl.static_range(WORLD):
-        peer_buf = tl.multiple_of(tl.load(buf_ptrs + p).to(tl.pointer_type(wire)), 16)
-        acc += tl.load(peer_buf + slot + offs, mask=m, other=0.0, cache_modifier=".cv").to(tl.float32)
+        v = mine
+        if p != RANK:
+            src = own_bits + tl.multiple_of((slot + p) * region, ALIGN) + offs
+            v = tl.load(src, mask=m, other=0, volatile=True)
+            while tl.max(tl.where(v == UNWRITTEN, 1, 0)) > 0:  # (masked lanes read as 0)
+                v = tl.load(src, mask=m, other=0, volatile=True)
+            tl.store(src, tl.full(x.shape, UNWRITTEN, bits_ty), mask=m)
+        acc += v.to(wire, bitcast=True).to(tl.float32)
     return acc
 
 
 @triton.jit
-def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_flags, buf_ptrs, flag_ptrs, counter_ptr, n, slot_elems,
-                     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_bits, buf_ptrs, counter_ptr, n, region,
+                     RANK: tl.constexpr, WORLD: tl.constexpr, UNWRITTEN: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     b = tl.program_id(0)
     offs = b * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     wait_inputs(PDL)  # x is the previous kernel's output
     c = tl.load(counter_ptr + b)
     x = tl.load(x_ptr + offs, mask=m, other=0.0)
-    acc = _exchange(x, offs, m, b, c, own_buf, own_flags, buf_ptrs, flag_ptrs, slot_elems, RANK, WORLD, BLOCK)
+    acc = _exchange(x, offs, m, c, own_buf, own_bits, buf_ptrs, region, RANK, WORLD, UNWRITTEN, BLOCK)
     tl.store(out_ptr + offs, acc, mask=m)
     tl.store(counter_ptr + b, c + 1)
 
@@ -87,14 +99,15 @@ def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_flags, buf_ptrs, flag_ptrs, co
 @triton.jit
 def _one_shot_add_rms_norm_kernel(
         x_ptr, h_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x, stride_h, stride_o,
-        own_buf, own_flags, buf_ptrs, flag_ptrs, counter_ptr, slot_elems,
+        own_buf, own_bits, buf_ptrs, counter_ptr, region,
         xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share,
-        RANK: tl.constexpr, WORLD: tl.constexpr, ROW: tl.constexpr, HAS_POST: tl.constexpr,
-        BLOCK: tl.constexpr, RNE: tl.constexpr, PDL: tl.constexpr, Q8: tl.constexpr, ZB: tl.constexpr):
+        RANK: tl.constexpr, WORLD: tl.constexpr, UNWRITTEN: tl.constexpr, ROW: tl.constexpr,
+        HAS_POST: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr, PDL: tl.constexpr, Q8: tl.constexpr,
+        ZB: tl.constexpr):
     """The sum over ranks of the partial rows x, added to the residual rows h (in place,
     post-normed first with HAS_POST), and h's rms norm: the all-reduce and the fused add + norm
     (kernels/fused.py) in one launch. Program t owns row t whole (n <= BLOCK values, [BLOCK / 4,
-    4] tiles as in the norm), at t * ROW in the slots, with the protocol above as program t."""
+    4] tiles as in the norm), at t * ROW in the regions, with the protocol above as program t."""
     t = tl.program_id(0)
     offs = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
     m = offs < n
@@ -107,47 +120,67 @@ def _one_shot_add_rms_norm_kernel(
     c = tl.load(counter_ptr + t)
     x = tl.load(x_ptr + t * stride_x + offs, mask=m, other=0.0)
     h = tl.load(h_ptr + t * stride_h + offs, mask=m, other=0.0)
-    d = _exchange(x, t * ROW + offs, m, t, c, own_buf, own_flags, buf_ptrs, flag_ptrs, slot_elems, RANK, WORLD,
-                  ROW)
+    d = _exchange(x, t * ROW + offs, m, c, own_buf, own_bits, buf_ptrs, region, RANK, WORLD, UNWRITTEN, ROW)
     add_norm_row(h, d, w, pw, h_ptr + t * stride_h, out_ptr + t * stride_o, offs, m, n, eps,
                  xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share, True, HAS_POST, BLOCK, RNE, Q8, ZB)
     tl.store(counter_ptr + t, c + 1)
 
 
+# The wire dtypes as integers of their width, and the pattern that marks a value not yet arrived.
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_UNWRITTEN = {torch.int32: -2**31, torch.int16: -2**15}
+
+
 @dataclass
 class PeerBuffers:
-    """One rank's view of the shared memory: its own buffer (two slots of slot_elems values in
-    the wire dtype) and flags (int64, max_blocks * world, zero before first use), every rank's
-    buffer and flags as int64 device addresses in rank order, and its own call counters (int64,
-    max_blocks, zero: 32 bits would wrap after ~16 hours of decoding at 36k calls a second)."""
+    """One rank's view of the shared memory: its own buffer (2 slots x world regions of
+    `region` values in the wire dtype, all UNWRITTEN before first use: see fill_unwritten),
+    every rank's buffer as int64 device addresses in rank order, and its own call counters
+    (int64, one per program, zero: 32 bits would wrap after ~16 hours of decoding at 36k calls
+    a second)."""
 
     buf: torch.Tensor
-    flags: torch.Tensor
     buf_ptrs: torch.Tensor
-    flag_ptrs: torch.Tensor
     counters: torch.Tensor
     rank: int
     world: int
 
     @property
-    def slot_elems(self) -> int:
-        return self.buf.numel() // 2
+    def region(self) -> int:
+        """The most values a message may have."""
+        return self.buf.numel() // (2 * self.world)
+
+    @property
+    def bits(self) -> torch.Tensor:
+        return self.buf.view(_BITS[self.buf.dtype])
+
+    @property
+    def unwritten(self) -> int:
+        return _UNWRITTEN[_BITS[self.buf.dtype]]
 
     @staticmethod
     def sizes(max_elems: int, world: int, unit: int = BLOCK) -> tuple[int, int]:
-        """(buffer values, flags) for messages of up to max_elems values, programs of `unit`
-        values each (BLOCK for the all-reduce, ROW for the one ending in a norm): a slot holds
+        """(buffer values, counters) for messages of up to max_elems values, programs of `unit`
+        values each (BLOCK for the all-reduce, ROW for the one ending in a norm): a region holds
         whole units, so every program's chunk starts aligned."""
         units = triton.cdiv(max_elems, unit)
-        return 2 * units * unit, units * world
+        return 2 * world * units * unit, units
+
+    @staticmethod
+    def fill_unwritten(buf: torch.Tensor) -> torch.Tensor:
+        """Mark every value of a new buffer as not yet arrived (every rank before any call)."""
+        if buf.dtype not in _BITS:
+            raise ValueError(f"one-shot all-reduce: no wire format for {buf.dtype}")
+        buf.view(_BITS[buf.dtype]).fill_(_UNWRITTEN[_BITS[buf.dtype]])
+        return buf
 
 
 def one_shot_all_reduce(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
-    """The sum over ranks of x (any float dtype, at most slot_elems values; every rank calls
+    """The sum over ranks of x (any float dtype, at most peers.region values; every rank calls
     with the same size, in the same order of calls), as float32 of x's shape."""
     n = x.numel()
-    if n > peers.slot_elems:
-        raise ValueError(f"one_shot_all_reduce: {n} values exceed the buffer's {peers.slot_elems}")
+    if n > peers.region:
+        raise ValueError(f"one_shot_all_reduce: {n} values exceed the buffer's {peers.region}")
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if n == 0:
         return out
@@ -156,15 +189,15 @@ def one_shot_all_reduce(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
         xf = xf.contiguous()
     pdl = use_pdl(x)
     _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
-        xf, out, peers.buf, peers.flags, peers.buf_ptrs, peers.flag_ptrs, peers.counters, n, peers.slot_elems,
-        RANK=peers.rank, WORLD=peers.world, BLOCK=BLOCK, PDL=pdl, **launch_kw(pdl), num_warps=4)
+        xf, out, peers.buf, peers.bits, peers.buf_ptrs, peers.counters, n, peers.region, RANK=peers.rank,
+        WORLD=peers.world, UNWRITTEN=peers.unwritten, BLOCK=BLOCK, PDL=pdl, **launch_kw(pdl), num_warps=4)
     return out
 
 
 def fits_add_rms_norm(peers: PeerBuffers, rows: int, n: int) -> bool:
     """Whether one_shot_add_rms_norm serves rows x n over peers (sized for it: unit ROW). A row
     of up to ROW (= the norm's MAX_TILE) values is one the norm holds whole (NCHUNK 1)."""
-    return 0 < rows <= peers.slot_elems // ROW and n <= ROW
+    return 0 < rows <= peers.region // ROW and n <= ROW
 
 
 def one_shot_add_rms_norm(h: torch.Tensor, partial: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -192,8 +225,8 @@ def one_shot_add_rms_norm(h: torch.Tensor, partial: torch.Tensor, weight: torch.
     pdl = use_pdl(h)
     _one_shot_add_rms_norm_kernel[(rows,)](
         x2, h2, pw, weight.contiguous(), out2, n, float(eps), x2.stride(0), h2.stride(0), out2.stride(0),
-        peers.buf, peers.flags, peers.buf_ptrs, peers.flag_ptrs, peers.counters, peers.slot_elems, *q8_args,
-        RANK=peers.rank, WORLD=peers.world, ROW=ROW, HAS_POST=post_weight is not None, BLOCK=cfg["BLOCK"],
+        peers.buf, peers.bits, peers.buf_ptrs, peers.counters, peers.region, *q8_args,
+        RANK=peers.rank, WORLD=peers.world, UNWRITTEN=peers.unwritten, ROW=ROW, HAS_POST=post_weight is not None, BLOCK=cfg["BLOCK"],
         RNE=interpreting(), PDL=pdl, **launch_kw(pdl), **q8_kw, num_warps=cfg["num_warps"], num_stages=1)
     return h, with_int8(out, qx)
 

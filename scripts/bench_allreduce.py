@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200, help="calls per timing on the CPU")
     ap.add_argument("--norm-widths", nargs="*", type=int, default=[4096, 5120],
                     help="hidden sizes for the all-reduce + add + RMSNorm table (CUDA; none: skip it)")
+    ap.add_argument("--one-shot-max", default="1M", help="the one-shot paths' buffer size (message bytes)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -141,7 +142,8 @@ def main() -> None:
                 for key, kind in paths.items():
                     try:
                         if (key, dtype) not in one_shots:
-                            one_shots[key, dtype] = kind(dist.group.WORLD, device, dtype)
+                            one_shots[key, dtype] = kind(dist.group.WORLD, device, dtype,
+                                                         max_bytes=parse_size(args.one_shot_max))
                         path = one_shots[key, dtype]
                         row[key + "_exact"] = bool(torch.equal(path(fill(n, comm.rank, dtype, device)).to(dtype), want))
                         row[key + "_us"] = 1e6 * time_per_call(lambda: path(x), args.iters, device)

@@ -71,14 +71,15 @@ for st in $STAGES; do case $st in
     timeout 200 python3 scripts/bench_kernels.py --dequant --out "$OUT" > "$OUT/dqbench.txt" 2>&1
     tail -40 "$OUT/dqbench.txt" | tee -a "$SUM" ;;
   q8bench)  # the int8-x GEMV on the decode shapes of qwen3-32b and qwen3-8b (Q4_K), old kernel beside
-    SH="10240x5120 51200x5120 5120x25600 5120x8192 6144x4096 24576x4096 4096x12288 4096x4096"
+    SH=${Q8SHAPES:-10240x5120 51200x5120 5120x25600 5120x8192 6144x4096 24576x4096 4096x12288 4096x4096}
     timeout 250 python3 scripts/bench_kernels.py --q8 --types Q4_K --shapes $SH ${Q8SWEEP:-} --out "$OUT/q8" > "$OUT/q8bench.txt" 2>&1
     grep -E "^\| Q4_K \| [0-9]+x|rror" "$OUT/q8bench.txt" | tee -a "$SUM"
     [ "${Q8OLD:-1}" = 1 ] && timeout 200 python3 scripts/bench_kernels.py --types Q4_K --shapes $SH --out "$OUT/f" > "$OUT/fbench.txt" 2>&1 &&
     grep -E "^\| Q4_K \| [0-9]+x|rror" "$OUT/fbench.txt" | tee -a "$SUM" ;;
   allreduce)  # issue 13's latency table (needs a multi-GPU kind): NCCL, both one-shot paths, torch's bare op
+    # (AR_ARGS: more flags of scripts/bench_allreduce.py, e.g. "--sizes 2M 8M --one-shot-max 64M")
     NP=${AR_NP:-2}; timeout 200 python3 -m torch.distributed.run --nproc-per-node "$NP" scripts/bench_allreduce.py \
-        --out "$OUT/ar" > "$OUT/allreduce.txt" 2>&1
+        --out "$OUT/ar" ${AR_ARGS:-} > "$OUT/allreduce.txt" 2>&1
     grep -E "^\|" "$OUT/allreduce.txt" | tee -a "$SUM" ;;
   arworker)  # tests/allreduce_worker.py alone, each mode, stacks dumped on a hang (AR_WORKER_TIMEOUT)
     mkdir -p "$OUT/arw"; for m in ${ARMODES:-nccl one-shot symm-mem}; do for rt in ${ARTYPES:-f32}; do

@@ -1,6 +1,7 @@
 """One rank of tests/test_allreduce.py (2+ GPUs of one host): the runtime's all-reduce in mode
 argv[1] and wire dtype argv[2] against NCCL's own all-reduce, eagerly on random data from 1
-element to 4 MB, then replayed in a CUDA graph with fresh inputs every time."""
+element to 4 MB (with a prompt chunk's largest message set to 4 MB of f32, as the engine sets
+it from -ub), then replayed in a CUDA graph with fresh inputs every time."""
 
 from __future__ import annotations
 
@@ -14,23 +15,25 @@ import torch.distributed as dist
 from tpruntime.comm import ONE_SHOT_MAX_BYTES, REDUCE_DTYPES, DistComm
 from tpruntime.model import resolve_device
 
-SIZES = [1, 7, 1000, 4096, 5120, 65536, ONE_SHOT_MAX_BYTES // 4, ONE_SHOT_MAX_BYTES // 2 + 3, 1 << 20]
+MAX_MESSAGE = 1 << 20
+SIZES = [1, 7, 1000, 4096, 5120, 65536, ONE_SHOT_MAX_BYTES // 4, ONE_SHOT_MAX_BYTES // 2 + 3, MAX_MESSAGE,
+         MAX_MESSAGE + 1]
 REPLAYS = 2000
 
 
 def main() -> None:
     mode, reduce_type = sys.argv[1], sys.argv[2]
-    # a hang (a stale flag never met, a collective never joined) ends with every thread's
+    # a hang (a value that never arrives, a collective never joined) ends with every thread's
     # stack on stderr and a failure, not a test run that stops at its time limit
     faulthandler.dump_traceback_later(float(os.environ.get("AR_WORKER_TIMEOUT", "150")), exit=True)
     print(f"start {mode} {reduce_type}", flush=True)
     dev = resolve_device("cuda", int(os.environ["LOCAL_RANK"]))
-    comm = DistComm(dev, reduce_type, all_reduce=mode)
+    comm = DistComm(dev, reduce_type, all_reduce=mode, max_message=MAX_MESSAGE)
     assert (comm.one_shot is not None) == (mode != "nccl"), "the mode's path was not taken"
     wire = REDUCE_DTYPES[reduce_type]
     g = torch.Generator(device=dev).manual_seed(100 + comm.rank)
     print(f"rank {comm.rank}: path set up", flush=True)
-    for n in SIZES:  # up to 4 MB of f32: the largest ones go through NCCL in every mode
+    for n in SIZES:  # on 2 ranks, all but the last one-shot; on more, those above 1 MB go to NCCL
         x = torch.randn(n, generator=g, device=dev)
         got = comm.all_reduce(x.clone())
         ref = x.to(wire)
@@ -43,8 +46,8 @@ def main() -> None:
 
     print(f"rank {comm.rank}: eager sizes ok", flush=True)
     # Decode-sized messages, 8 per replay as in a step, inputs changed before every replay:
-    # small integers, so every wire dtype sums them exactly, and a stale flag or a read of a
-    # peer's buffer before it was written shows as a wrong value.
+    # small integers, so every wire dtype sums them exactly, and a value of an earlier call or
+    # a slot mixed up shows as a wrong value.
     n = 5120
     static = torch.zeros(8, n, device=dev)
     comm.all_reduce(static[0])  # warm both paths outside the capture
@@ -97,8 +100,8 @@ def check_reduce_add_rms_norm(comm: DistComm, dev: torch.device) -> None:
             assert torch.equal(getattr(got, k), getattr(ref, k)), (rows, n, k)
         assert q8 or torch.equal(got, ref), (rows, n, "normed")
         assert not q8 or not got.y.any()
-    # 8 in a row in one graph, as in a decode step; small integers: exact sums, so a stale flag
-    # or a peer's buffer read before it was written shows
+    # 8 in a row in one graph, as in a decode step; small integers: exact sums, so a value of an
+    # earlier call or a slot mixed up shows
     n = 5120
     w = 0.5 + torch.rand(n, generator=same, device=dev)
     h = torch.zeros(1, n, device=dev)

@@ -1,8 +1,9 @@
-"""kernels/allreduce.py's protocol (flags, call counts, the two buffer slots) on the CPU: each
-rank is a process running the kernel in Triton's interpreter over host tensors in shared memory
-that stand for the GPUs' symmetric memory (each process sees them at its own addresses, as with
-CUDA IPC), so a program really waits for its peers' flags. What this cannot check is the GPU's
-memory ordering across NVLink: tests/test_allreduce.py runs the kernel on 2 GPUs."""
+"""kernels/allreduce.py's protocol (values pushed into the peers' buffers, the UNWRITTEN marks,
+call counts, the two buffer slots) on the CPU: each rank is a process running the kernel in
+Triton's interpreter over host tensors in shared memory that stand for the GPUs' symmetric
+memory (each process sees them at its own addresses, as with CUDA IPC), so a program really
+waits for its peers' values. What this cannot check is the GPU's memory ordering across NVLink:
+tests/test_allreduce.py runs the kernel on 2 GPUs."""
 
 from __future__ import annotations
 
@@ -31,35 +32,39 @@ def ints(n: int, call: int, rank: int) -> torch.Tensor:
     return ((torch.arange(n) % 5) + 3 * call + rank).float()
 
 
-def peer_view(r: int, world: int, bufs, flags) -> PeerBuffers:
+def peer_view(r: int, world: int, bufs, unit: int = BLOCK) -> PeerBuffers:
     """Rank r's view of the shared buffers, each at this process's own addresses."""
-    return PeerBuffers(bufs[r], flags[r], torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64),
-                       torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64),
-                       torch.zeros(flags[r].numel() // world, dtype=torch.int64), r, world)
+    return PeerBuffers(bufs[r], torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64),
+                       torch.zeros(bufs[r].numel() // (2 * world * unit), dtype=torch.int64), r, world)
 
 
 def shared(world: int, max_elems: int, dtype, unit: int = BLOCK):
-    """Every rank's buffer (NaN: a value read before it was written shows) and flags."""
-    n_buf, n_flags = PeerBuffers.sizes(max_elems, world, unit)
-    return ([torch.full((n_buf,), float("nan"), dtype=dtype).share_memory_() for _ in range(world)],
-            [torch.zeros(n_flags, dtype=torch.int64).share_memory_() for _ in range(world)])
+    """Every rank's buffer, all UNWRITTEN."""
+    n_buf, _ = PeerBuffers.sizes(max_elems, world, unit)
+    return [PeerBuffers.fill_unwritten(torch.empty(n_buf, dtype=dtype)).share_memory_() for _ in range(world)]
+
+
+def all_unwritten(buf: torch.Tensor) -> bool:
+    """Whether every value of a buffer is marked as not arrived (as after a full exchange)."""
+    return bool((buf.view(torch.int32 if buf.dtype == torch.float32 else torch.int16)
+                 == (-2**31 if buf.dtype == torch.float32 else -2**15)).all())
 
 
 def join_ranks(fn, args, world: int) -> None:
     ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
-    # a rank left waiting for a flag would hang the test: give up after a bound instead
+    # a rank left waiting for a peer's values would hang the test: give up after a bound instead
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=5):  # (True once every rank has exited; raises if one failed)
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            raise AssertionError("a rank is still waiting for a flag after 240 s")
+            raise AssertionError("a rank is still waiting for its peers after 240 s")
 
 
-def _rank(r: int, world: int, bufs, flags, inputs, results) -> None:
+def _rank(r: int, world: int, bufs, inputs, results) -> None:
     """One rank: the same calls as every other, inputs[i][r] in, results[i][r] out."""
     os.environ["TRITON_INTERPRET"] = "1"
-    peers = peer_view(r, world, bufs, flags)
+    peers = peer_view(r, world, bufs)
     for i, x in enumerate(inputs):
         out = one_shot_all_reduce(x[r], peers)
         results[i][r].copy_(out)
@@ -67,17 +72,19 @@ def _rank(r: int, world: int, bufs, flags, inputs, results) -> None:
 
 def run_ranks(world: int, inputs: list[torch.Tensor], dtype=torch.float32) -> list[torch.Tensor]:
     """inputs[i]: [world, ...], rank r's input of call i; returns results[i], [world, ...]."""
-    bufs, flags = shared(world, max(x[0].numel() for x in inputs), dtype)
+    bufs = shared(world, max(x[0].numel() for x in inputs), dtype)
     inputs = [x.share_memory_() for x in inputs]
     results = [torch.full(x.shape, float("nan")).share_memory_() for x in inputs]
-    join_ranks(_rank, (world, bufs, flags, inputs, results), world)
+    join_ranks(_rank, (world, bufs, inputs, results), world)
+    # every value a rank received it marked again after reading: nothing is left for a later call
+    assert all(all_unwritten(b) for b in bufs)
     return results
 
 
 @pytest.mark.parametrize("world,dtype", [(2, torch.float32), (3, torch.bfloat16)])
 def test_sums_over_repeated_calls(world, dtype):
     """Calls of several sizes (one program, several, a partial last block), repeated so both
-    slots are reused and flags of earlier calls are present: every rank gets the exact sum."""
+    slots are reused: every rank gets the exact sum."""
     inputs = [torch.stack([ints(n, i, r) for r in range(world)]) for i, n in enumerate(SIZES)]
     results = run_ranks(world, inputs, dtype)
     for i, n in enumerate(SIZES):
@@ -98,12 +105,20 @@ def test_every_rank_gets_the_same_bits():
         assert torch.equal(res[r], want)
 
 
+def test_negative_zero_is_summed_as_zero():
+    """-0.0 is the wire's "not arrived" mark, so it travels as +0.0: a message of zeros of
+    either sign does not leave its peers waiting, and sums to zero."""
+    x = torch.tensor([[-0.0, 0.0, -0.0, 1.0], [-0.0, -0.0, 2.0, -0.0]])
+    (res,) = run_ranks(2, [x])
+    assert torch.equal(res, torch.tensor([0.0, 0.0, 2.0, 1.0]).expand(2, 4))
+
+
 def test_rejects_a_message_larger_than_the_buffer():
-    n_buf, n_flags = PeerBuffers.sizes(BLOCK, 2)
-    peers = PeerBuffers(torch.zeros(n_buf), torch.zeros(n_flags, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
-                        torch.zeros(2, dtype=torch.int64), torch.zeros(n_flags // 2, dtype=torch.int64), 0, 2)
+    peers = peer_view(0, 2, shared(2, BLOCK, torch.float32))
     with pytest.raises(ValueError, match="exceed the buffer"):
         one_shot_all_reduce(torch.zeros(BLOCK + 1), peers)
+    with pytest.raises(ValueError, match="no wire format"):
+        PeerBuffers.fill_unwritten(torch.zeros(4, dtype=torch.float64))
 
 
 # --- the all-reduce that ends in the residual add and the next RMSNorm -------------------------
@@ -111,7 +126,7 @@ def test_rejects_a_message_larger_than_the_buffer():
 EPS = 1e-6
 # (rows, n, post-norm, output dtype, int8 form for the next GEMV): one decode token with its int8
 # form (Gemma's post-norm and not), several rows, a masked row tail; each case twice, between
-# plain all-reduces on their own buffers, so both slots, old flags and both protocols are in play.
+# plain all-reduces on their own buffers, so both slots and both protocols are in play.
 NORM_CASES = [(1, 96, False, torch.bfloat16, True), (3, 200, True, torch.float32, False),
               (1, 96, True, torch.bfloat16, True), (2, 64, False, torch.bfloat16, False)] * 2
 
@@ -130,9 +145,9 @@ def norm_inputs(world: int):
     return out
 
 
-def _norm_rank(r: int, world: int, bufs, flags, nbufs, nflags, cases, results) -> None:
+def _norm_rank(r: int, world: int, bufs, nbufs, cases, results) -> None:
     os.environ["TRITON_INTERPRET"] = "1"
-    peers, npeers = peer_view(r, world, bufs, flags), peer_view(r, world, nbufs, nflags)
+    peers, npeers = peer_view(r, world, bufs), peer_view(r, world, nbufs, ROW)
     for (rows, n, _, out_dtype, q8), case, res in zip(NORM_CASES, cases, results):
         res["plain"][r].copy_(one_shot_all_reduce(case["plain"][r], peers))
         h = case["h"].clone()
@@ -154,8 +169,8 @@ def test_all_reduce_add_rms_norm_equals_the_two_kernels(world, wire):
     all-reduce followed by the fused add + norm kernel produce (the sum in rank order, in the wire
     dtype's values), and the plain all-reduces interleaved on their own buffers stay exact."""
     cases = norm_inputs(world)
-    bufs, flags = shared(world, 700, wire)
-    nbufs, nflags = shared(world, 3 * ROW, wire, unit=ROW)
+    bufs = shared(world, 700, wire)
+    nbufs = shared(world, 3 * ROW, wire, unit=ROW)
     results = []
     for (rows, n, _, _, q8), case in zip(NORM_CASES, cases):
         res = {k: torch.full((world, rows, n), float("nan")).share_memory_() for k in ("h", "out")}
@@ -164,7 +179,8 @@ def test_all_reduce_add_rms_norm_equals_the_two_kernels(world, wire):
             for k, size in (("xq", n), ("xd", n // 32), ("xs", n // 16), ("y", 5)):
                 res[k] = torch.full((world, size), float("nan")).share_memory_()
         results.append(res)
-    join_ranks(_norm_rank, (world, bufs, flags, nbufs, nflags, cases, results), world)
+    join_ranks(_norm_rank, (world, bufs, nbufs, cases, results), world)
+    assert all(all_unwritten(b) for b in bufs + nbufs)
     for (rows, n, _, out_dtype, q8), case, res in zip(NORM_CASES, cases, results):
         assert torch.equal(res["plain"], case["plain"].sum(0).expand(world, -1))
         total = torch.zeros(rows, n)
@@ -185,9 +201,7 @@ def test_all_reduce_add_rms_norm_equals_the_two_kernels(world, wire):
 def test_all_reduce_add_rms_norm_limits():
     """Rows beyond the buffer's, or a row the norm cannot hold whole, are not taken (the caller
     falls back to the all-reduce and the separate norm); asked anyway, it refuses."""
-    n_buf, n_flags = PeerBuffers.sizes(2 * ROW, 2, ROW)
-    peers = PeerBuffers(torch.zeros(n_buf), torch.zeros(n_flags, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
-                        torch.zeros(2, dtype=torch.int64), torch.zeros(n_flags // 2, dtype=torch.int64), 0, 2)
+    peers = peer_view(0, 2, shared(2, 2 * ROW, torch.float32, ROW), ROW)
     assert fits_add_rms_norm(peers, 2, ROW) and fits_add_rms_norm(peers, 1, 5120)
     assert not fits_add_rms_norm(peers, 3, 64) and not fits_add_rms_norm(peers, 1, ROW + 1)
     assert not fits_add_rms_norm(peers, 0, 64)
@@ -195,22 +209,21 @@ def test_all_reduce_add_rms_norm_limits():
         one_shot_add_rms_norm(torch.zeros(3, 64), torch.zeros(3, 64), torch.ones(64), EPS, peers)
 
 
-def _one_norm_call(r: int, world: int, nbufs, nflags, h, partial, w) -> None:
+def test_all_reduce_add_rms_norm_rows_have_places_of_their_own():
+    """Each row's program pushes its row to its own place in the peer's region (row t at t *
+    ROW) and reads the peer's rows from theirs: on a GPU the rows' programs run at once, so rows
+    sharing a place would overwrite each other (the interpreter runs programs one after another
+    and could not show it by the sums). Rank 0 runs alone here, its peer's rows already pushed."""
     os.environ["TRITON_INTERPRET"] = "1"
-    one_shot_add_rms_norm(h[r], partial[r], w, EPS, peer_view(r, world, nbufs, nflags), out_dtype=torch.float32)
-
-
-def test_all_reduce_add_rms_norm_rows_have_slots_of_their_own():
-    """Each row's program publishes its row at its own place in the slot (row t at t * ROW): on
-    a GPU the rows' programs run at once, so rows sharing a place would overwrite each other
-    (the interpreter runs programs one after another and could not show it by the sums)."""
     world, rows, n = 2, 3, 96
-    nbufs, nflags = shared(world, rows * ROW, torch.float32, unit=ROW)
-    h = torch.zeros(world, rows, n).share_memory_()
-    partial = torch.randn(world, rows, n, generator=torch.Generator().manual_seed(3)).share_memory_()
-    w = torch.ones(n).share_memory_()
-    join_ranks(_one_norm_call, (world, nbufs, nflags, h, partial, w), world)
-    for r in range(world):
-        for t in range(rows):
-            assert torch.equal(nbufs[r][t * ROW:t * ROW + n], partial[r][t]), (r, t)
-        assert torch.equal(h[r], partial.sum(0))
+    bufs = shared(world, rows * ROW, torch.float32, unit=ROW)
+    region = bufs[0].numel() // (2 * world)
+    partial = torch.randn(world, rows, n, generator=torch.Generator().manual_seed(3))
+    for t in range(rows):  # rank 1's rows, as its call 0 would have pushed them: slot 0, region 1
+        bufs[0][region + t * ROW:region + t * ROW + n] = partial[1][t]
+    h = torch.zeros(rows, n)
+    one_shot_add_rms_norm(h, partial[0], torch.ones(n), EPS, peer_view(0, world, bufs, ROW), out_dtype=torch.float32)
+    assert torch.equal(h, partial[0] + partial[1])
+    for t in range(rows):  # rank 0's rows in rank 1's buffer: slot 0, region 0, row t at t * ROW
+        assert torch.equal(bufs[1][t * ROW:t * ROW + n], partial[0][t]), t
+    assert all_unwritten(bufs[0])  # what rank 0 read, it marked again

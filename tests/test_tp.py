@@ -242,3 +242,31 @@ def test_one_shot_needs_one_host_and_peer_access(monkeypatch):
     assert one_shot_problem(cuda1, 2, None, [0, 1]) == "the 2 ranks are not all on one host"
     assert one_shot_problem(cuda1, 3, 3, [0, 1, 2]) is None
     assert one_shot_problem(cuda1, 4, 4, [0, 1, 2, 3]) == "GPU 1 has no peer access to GPU(s) 3"
+
+
+def test_one_shot_buffer_covers_prompt_chunks_only_on_two_ranks():
+    """On 2 ranks the one-shot path takes a prompt chunk's all-reduce too (measured faster than
+    NCCL up to 40 MB), within a cap; with more ranks (a one-shot sends N - 1 copies) only up to
+    1 MB. A decode-only size never shrinks it below 1 MB."""
+    from tpruntime.comm import ONE_SHOT_MAX_BYTES, ONE_SHOT_MAX_BYTES_2_RANKS, one_shot_max_bytes
+    chunk = 2048 * 5120 * 4  # -ub 2048, qwen3-32b's hidden size, f32 wire: 40 MB
+    assert one_shot_max_bytes(2, chunk) == chunk
+    assert one_shot_max_bytes(2, 1000) == ONE_SHOT_MAX_BYTES
+    assert one_shot_max_bytes(2, 10 * ONE_SHOT_MAX_BYTES_2_RANKS) == ONE_SHOT_MAX_BYTES_2_RANKS
+    assert one_shot_max_bytes(4, chunk) == one_shot_max_bytes(8, chunk) == ONE_SHOT_MAX_BYTES
+
+
+def test_memory_report_counts_the_all_reduce_buffers():
+    """--report-memory names what the one-shot path holds beside the weights and KV cache (on
+    2 ranks its buffers grow to 4 prompt-chunk messages)."""
+    from tpruntime.comm import Comm, P2POneShot
+    from tpruntime.kernels.allreduce import PeerBuffers
+    assert Comm().buffer_bytes == 0
+    one = object.__new__(P2POneShot)
+    n_buf, n_counters = PeerBuffers.sizes(1000, 2)
+    one.peers = PeerBuffers(torch.empty(n_buf), torch.zeros(2, dtype=torch.int64),
+                            torch.zeros(n_counters, dtype=torch.int64), 0, 2)
+    one.norm_peers = None
+    comm = Comm()
+    comm.one_shot = one
+    assert comm.buffer_bytes == 4 * 1024 * 4  # 2 slots x 2 regions x 1024 f32 values

@@ -21,21 +21,36 @@ REDUCE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloa
 
 # --all-reduce: which path a row-parallel layer's sum takes: NCCL, torch's symmetric-memory
 # one-shot op (TorchOneShot), our own one-shot kernel (P2POneShot), or auto (ours where it can
-# serve, else NCCL: on 2 H200s it took 4.9-5.3 us for 4-64 KB against torch's 6.6-8.0 and
-# NCCL's 9.6-10.7, and qwen3-8b TP 2 decode from 454 (NCCL) / 458 (torch's) to 505 t/s).
+# serve, else NCCL: on 2 H200s it took 2.0-2.4 us for 4-64 KB against torch's 6.5-6.8 and
+# NCCL's 9.2-11.2, and qwen3-8b TP 2 decode from 454 (NCCL) / 458 (torch's) to 596 t/s).
 ALL_REDUCE_MODES = ("nccl", "auto", "symm-mem", "one-shot")
 
 
 def check_all_reduce_mode(mode: str) -> None:
     if mode not in ALL_REDUCE_MODES:
         raise TpError(f"--all-reduce {mode!r}: expected one of {', '.join(ALL_REDUCE_MODES)}")
-# Messages up to this size go one-shot (a decode token's hidden state is 16-20 KB in f32): on 2
-# H200s our one-shot beat NCCL from 4 KB (4.9 vs 9.6 us) to 1 MB (9.5 vs 17.6 us).
+# Messages up to this size go one-shot on any number of ranks (a decode token's hidden state is
+# 16-20 KB in f32); on 2 ranks also the largest one a prompt chunk sends (one_shot_max_bytes).
 ONE_SHOT_MAX_BYTES = 1 << 20
+# (what a 2-rank buffer may grow to for prompt chunks: 4 x this per rank, 2 slots x 2 regions)
+ONE_SHOT_MAX_BYTES_2_RANKS = 64 << 20
 
-# Our one-shot all-reduce also ends in the residual add and the next RMSNorm where the sum feeds
-# them (every all-reduce of a decode step): one launch where there were two. Opt-in
-# (TPRUNTIME_FUSED_AR=1) until it has been measured on GPUs.
+
+def one_shot_max_bytes(world: int, largest_message: int) -> int:
+    """The buffer our one-shot all-reduce gets, in message bytes. On 2 ranks it beat NCCL at every
+    size measured, up to a prompt chunk's 40 MB (2 H200s: 118 vs 170 us in f32, 117 vs 222 in
+    bf16): each rank sends its whole message to its peer once, as NCCL's ring does, with no
+    proxy and one launch. With more ranks a one-shot sends the message to every peer (N - 1
+    times the bytes), so there large messages stay with NCCL until measured (issue 15)."""
+    if world == 2:
+        return max(ONE_SHOT_MAX_BYTES, min(largest_message, ONE_SHOT_MAX_BYTES_2_RANKS))
+    return ONE_SHOT_MAX_BYTES
+
+# Our one-shot all-reduce can also end in the residual add and the next RMSNorm where the sum
+# feeds them (every all-reduce of a decode step): one launch where there were two. Opt-in
+# (TPRUNTIME_FUSED_AR=1): on 2 H200s it did not pay (one program per row holds the norm, where
+# the plain all-reduce spreads a row over several; qwen3-8b TP 2 605 vs 596 t/s, qwen3-32b 208
+# vs 209; docs/benchmarks.md).
 FUSED_AR = os.environ.get("TPRUNTIME_FUSED_AR", "0") == "1"
 
 # A step message from the coordinator: [command, pos0, n_tokens, all_logits, tokens...].
@@ -53,6 +68,16 @@ class Comm:
     def all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of a row-parallel layer's partial result, as float32."""
         return partial.float()
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Device memory this rank's all-reduce path holds of its own (the one-shot buffers)."""
+        one = getattr(self, "one_shot", None)
+        if one is None:
+            return 0
+        bufs = [one.buf] if isinstance(one, TorchOneShot) else [one.peers.buf] + (
+            [one.norm_peers.buf] if one.norm_peers is not None else [])
+        return sum(b.numel() * b.element_size() for b in bufs)
 
     def reduce_add_rms_norm(self, ops, h: torch.Tensor, partial: torch.Tensor, weight: torch.Tensor, eps: float, *,
                             post_weight: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
@@ -171,37 +196,33 @@ class TorchOneShot:
 
 
 class P2POneShot:
-    """Our one-shot all-reduce (kernels/allreduce.py: the copy in, per-chunk flags, the sum in
-    rank order, all in one launched kernel that is also a programmatic dependent) over buffers
-    and flags in torch symmetric memory, for the ranks of one host."""
+    """Our one-shot all-reduce (kernels/allreduce.py: every rank's chunk pushed into its peers'
+    buffers, values that mark their own arrival, the sum in rank order, all in one launched
+    kernel that is also a programmatic dependent) over buffers in torch symmetric memory, for
+    the ranks of one host."""
 
     def __init__(self, group, device: torch.device, dtype: torch.dtype, max_bytes: int = ONE_SHOT_MAX_BYTES,
                  fused_norm: bool = FUSED_AR):
         from .kernels.allreduce import BLOCK, MAX_ROWS, ROW
         self.dtype = dtype
         self.peers = self._peer_buffers(group, device, max_bytes // dtype.itemsize, BLOCK)
-        # the all-reduce ending in a norm counts its calls apart: buffers and flags of its own
+        # the all-reduce ending in a norm counts its calls apart: buffers of its own
         self.norm_peers = self._peer_buffers(group, device, MAX_ROWS * ROW, ROW) if fused_norm else None
-        torch.cuda.synchronize(device)  # every rank's flags are zero before any rank sets one
+        torch.cuda.synchronize(device)  # every rank's buffers are marked before any rank writes
         dist.barrier(group)
 
     def _peer_buffers(self, group, device: torch.device, max_elems: int, unit: int):
         import torch.distributed._symmetric_memory as symm_mem
 
         from .kernels.allreduce import PeerBuffers
-        n_buf, n_flags = PeerBuffers.sizes(max_elems, dist.get_world_size(group), unit)
-        buf = symm_mem.empty(n_buf, dtype=self.dtype, device=device)
-        flags = symm_mem.empty(n_flags, dtype=torch.int64, device=device)
-        flags.zero_()
+        n_buf, n_counters = PeerBuffers.sizes(max_elems, dist.get_world_size(group), unit)
+        buf = PeerBuffers.fill_unwritten(symm_mem.empty(n_buf, dtype=self.dtype, device=device))
         hb = symm_mem.rendezvous(buf, group.group_name)
-        hf = symm_mem.rendezvous(flags, group.group_name)
-        return PeerBuffers(buf, flags, torch.tensor(hb.buffer_ptrs, dtype=torch.int64, device=device),
-                           torch.tensor(hf.buffer_ptrs, dtype=torch.int64, device=device),
-                           torch.zeros(n_flags // hb.world_size, dtype=torch.int64, device=device),
-                           hb.rank, hb.world_size)
+        return PeerBuffers(buf, torch.tensor(hb.buffer_ptrs, dtype=torch.int64, device=device),
+                           torch.zeros(n_counters, dtype=torch.int64, device=device), hb.rank, hb.world_size)
 
     def fits(self, t: torch.Tensor) -> bool:
-        return t.numel() <= self.peers.slot_elems
+        return t.numel() <= self.peers.region
 
     def __call__(self, partial: torch.Tensor) -> torch.Tensor:
         from .kernels.allreduce import one_shot_all_reduce
@@ -233,7 +254,9 @@ def one_shot_problem(device: torch.device, world_size: int, local_world_size: in
 
 class DistComm(Comm):
     def __init__(self, device: torch.device, reduce_type: str = "f32", timeout_s: float = 20.0,
-                 load_timeout_s: float = 600.0, all_reduce: str = "auto"):
+                 load_timeout_s: float = 600.0, all_reduce: str = "auto", max_message: int = 0):
+        """max_message: the most values one all-reduce will carry (a prompt chunk's tokens x
+        the hidden size), which sizes our one-shot path's buffers (one_shot_max_bytes)."""
         die_with_parent()
         check_all_reduce_mode(all_reduce)
         self.reduce_dtype = REDUCE_DTYPES[reduce_type]
@@ -251,9 +274,9 @@ class DistComm(Comm):
                        if backend != "gloo" else None)
         # Loading takes as long as the slowest rank's disk: its barrier gets its own patience.
         self._control = dist.new_group(backend="gloo", timeout=timedelta(seconds=load_timeout_s))
-        self.one_shot = self._choose_one_shot(all_reduce) if all_reduce != "nccl" else None
+        self.one_shot = self._choose_one_shot(all_reduce, max_message) if all_reduce != "nccl" else None
 
-    def _choose_one_shot(self, mode: str) -> "TorchOneShot | P2POneShot | None":
+    def _choose_one_shot(self, mode: str, max_message: int) -> "TorchOneShot | P2POneShot | None":
         """The one-shot path where `mode` allows it and every rank can take it, checked on
         exact data. Every rank reaches the same answer (they must all take the same path), and
         the collective set-up starts only once all ranks can go through with it."""
@@ -272,7 +295,9 @@ class DistComm(Comm):
         problem, one_shot = None, None
         try:
             one_shot = (TorchOneShot(dist.group.WORLD, self.device, self.reduce_dtype) if mode == "symm-mem"
-                        else P2POneShot(dist.group.WORLD, self.device, self.reduce_dtype, fused_norm=fused_norm))
+                        else P2POneShot(dist.group.WORLD, self.device, self.reduce_dtype, fused_norm=fused_norm,
+                                        max_bytes=one_shot_max_bytes(self.world_size,
+                                                                     max_message * self.reduce_dtype.itemsize)))
             # small integers: exact in every wire dtype
             n = 1000
             got = one_shot((torch.arange(n, device=self.device) % 7 + self.rank).float())

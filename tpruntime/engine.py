@@ -125,7 +125,7 @@ def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int
     model = load_model(path, n_ctx=n_ctx, device=device, dtype=dtype, progress=progress,
                        options=options, local_rank=local_rank, cuda_graphs=cuda_graphs,
                        dense_weights=dense_weights, fused_ops=fused_ops,
-                       make_comm=lambda dev: _load_fault(DistComm(dev, reduce_type, comm_timeout, load_timeout,
-                                                                  all_reduce)))
+                       make_comm=lambda dev, cfg: _load_fault(DistComm(dev, reduce_type, comm_timeout, load_timeout,
+                                                                       all_reduce, n_ubatch * cfg.n_embd)))
     model.comm.barrier()  # every rank loaded: from here on, steps run in lockstep
     return Engine(model, model.comm, n_ubatch)

@@ -96,6 +96,8 @@ class Transformer:
         line = (f"rank {self.shard.rank}: weights {self.weight_bytes / mib:.1f} MiB"
                 + (f" (plan {planned / mib:.1f} MiB)" if planned is not None else "")
                 + f", KV cache {kv / mib:.1f} MiB for {self.n_ctx} tokens")
+        if self.comm.buffer_bytes:
+            line += f", all-reduce buffers {self.comm.buffer_bytes / mib:.1f} MiB"
         if self.device.type == "cuda":
             line += f", device peak {torch.cuda.max_memory_allocated(self.device) / mib:.1f} MiB"
         return line
@@ -222,7 +224,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str = "auto",
                progress: bool = True, options: PlanOptions = PlanOptions(), local_rank: int = 0,
-               make_comm: Callable[[torch.device], Comm] = lambda dev: Comm(),
+               make_comm: Callable[[torch.device, ModelConfig], Comm] = lambda dev, cfg: Comm(),
                cuda_graphs: bool = True, dense_weights: bool = False, fused_ops: bool = True,
                interpret_kernels: bool = False) -> Transformer:
     """Open, validate and load a GGUF model: this rank's shard of it under `options`.
@@ -242,7 +244,7 @@ def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str 
         raise TpError(f"-c {n_ctx}: the context size must be >= 0")
     n_ctx = n_ctx or cfg.n_ctx_train
     plan = make_plan(cfg, options, gf)
-    comm = make_comm(dev)
+    comm = make_comm(dev, cfg)
     model = Transformer(gf, cfg, plan.ranks[comm.rank], comm, n_ctx=n_ctx, device=dev,
                         dtype=DTYPES[dtype], progress=progress and comm.rank == 0,
                         dense_weights=dense_weights, fused_ops=fused_ops, interpret_kernels=interpret_kernels)
