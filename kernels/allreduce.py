@@ -1,12 +1,15 @@
 """One-shot all-reduce over peer-to-peer memory (Triton), for the ranks of one host.
 
 Every rank owns, in memory that all its peers map (torch symmetric memory: tpruntime/comm.py),
-a buffer of two slots, each with a region per source rank, filled with a bit pattern that no
-value on the wire takes (UNWRITTEN: the sign bit alone, -0.0, which travels as +0.0). A call on
-n values runs cdiv(n, BLOCK) programs on every rank; program b of rank r, in its c-th call:
+a buffer of two slots, each with a region per peer (its peers in rank order, itself left out),
+filled with a bit pattern that no value on the wire takes (UNWRITTEN: the sign bit alone, -0.0,
+which travels as +0.0). A call on n values cuts it into chunks of BLOCK values; chunk b is
+served by program b % G of every rank (G at most the programs the GPU holds at once), which in
+the chunk's c-th call:
 
-  1. rounds chunk b of its input to the wire dtype and stores it straight into region r of slot
-     c % 2 of every peer's buffer (remote stores over NVLink, posted: nothing waits for them);
+  1. rounds the chunk of its input to the wire dtype and stores it straight into its region of
+     slot c % 2 of every peer's buffer (remote stores over NVLink, posted: nothing waits for
+     them); a program does this for all its chunks before it waits for any;
   2. reads the peers' regions of slot c % 2 of its *own* buffer until no value there is
      UNWRITTEN: each value says itself whether it has arrived (no flag, no fence, no remote
      read, so one trip over NVLink instead of a flag's and then the pull's);
@@ -15,13 +18,16 @@ n values runs cdiv(n, BLOCK) programs on every rank; program b of rank r, in its
      the same bits afterwards (the residual stream must not drift apart);
   5. counts the call: counter[b] := c + 1, in its own memory.
 
-c is the program's own count, so no host-side state is involved and a captured CUDA graph
+c is the chunk's own count, so no host-side state is involved and a captured CUDA graph
 replays the whole protocol. Why the slots cannot be mixed up: a peer stores into slot c % 2 of
 this rank again only in its call c + 2, which needs this rank's data of call c + 1, sent by a
 kernel that began after this one (with its reads and its clearing of slot c % 2) had ended;
-until then a peer can be at most one call ahead, in the other slot. Every value is stored and
-read as a whole aligned word (4 or 2 bytes), so a value half arrived is never taken. The polls
-are volatile loads: an SM must not serve its own buffer from L1.
+until then a peer can be at most one call ahead, in the other slot. Why no program waits
+forever on a live peer: every chunk a program waits for is pushed by a program that is already
+running (all G are resident) and pushes before it waits; a grid of a program per chunk would
+rely on the GPU placing programs in order once a large message's chunks outnumber its slots.
+Every value is stored and read as a whole aligned word (4 or 2 bytes), so a value half arrived
+is never taken. The polls are volatile loads: an SM must not serve its own buffer from L1.
 
 This is the push, flag-free one-shot (TensorRT-LLM calls its kernel of this kind "Lamport");
 the first version of this kernel pulled each chunk from the peer after a flag said it was
@@ -35,16 +41,23 @@ the copy into the shared buffers, and is launched as a programmatic dependent li
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from tpruntime.kernels.common import interpreting, launch_kw, use_pdl, wait_inputs
+from tpruntime.kernels.common import interpreting, launch_kw, sm_count, use_pdl, wait_inputs
 from tpruntime.kernels.fused import MAX_TILE, add_norm_row, norm_config, norm_int8, row_view, with_int8
 
-BLOCK = 1024  # values per program (4 KB of float32): a 16 KB message is 4 programs per rank
+BLOCK = 1024  # values per chunk (4 KB of float32): a 16 KB message is 4 programs per rank
+# Programs per SM at most: 4-warp programs with a few registers each, so 4 fit beside whatever
+# kernel is still finishing on the SM (PDL), and they keep enough stores in flight to fill NVLink.
+PROGRAMS_PER_SM = 4
+# A peer that pushes nothing for this long has died or stopped short of this call (a rank
+# compiling kernels on first use may lag its peers by seconds, never by a minute). Tests shorten it.
+TIMEOUT_S = float(os.environ.get("TPRUNTIME_AR_TIMEOUT_S", "60"))
 # The all-reduce ending in add + RMSNorm: one program per row (a decode step's token), whole
 # in registers, so rows up to the norm's longest tile, and up to 8 rows (the GEMVs' batch).
 ROW = MAX_TILE
@@ -52,48 +65,85 @@ MAX_ROWS = 8
 
 
 @triton.jit
-def _exchange(x, offs, m, c, own_buf, own_bits, buf_ptrs, region, RANK: tl.constexpr, WORLD: tl.constexpr,
-              UNWRITTEN: tl.constexpr, ALIGN: tl.constexpr):
-    """Steps 1-4 for a program in its call c: x (this rank's values, at offs of a region) in,
-    the float32 sum over ranks out, in rank order. own_buf / own_bits: this rank's buffer as
-    the wire's floats and as integers of their width; regions of `region` values (a multiple
-    of ALIGN) at (slot * WORLD + source rank) * region."""
-    wire = own_buf.dtype.element_ty
+def _globaltimer():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _trap():
+    tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _wire_bits(x, own_buf, own_bits, UNWRITTEN: tl.constexpr):
+    """x rounded to the wire dtype, as integers of its width; -0.0 travels as +0.0."""
+    mine = x.to(own_buf.dtype.element_ty).to(own_bits.dtype.element_ty, bitcast=True)
+    return tl.where(mine == UNWRITTEN, 0, mine)
+
+
+@triton.jit
+def _push(mine, offs, m, c, own_bits, buf_ptrs, region, RANK: tl.constexpr, WORLD: tl.constexpr,
+          ALIGN: tl.constexpr):
+    """Step 1 for a chunk in its call c: this rank's wire values stored into every peer's buffer,
+    in slot c % 2, in the region that peer keeps for this rank (its peers in rank order, itself
+    left out: a rank never sends to itself)."""
     bits_ty = own_bits.dtype.element_ty
-    mine = x.to(wire).to(bits_ty, bitcast=True)
-    mine = tl.where(mine == UNWRITTEN, 0, mine)  # -0.0 travels as +0.0
-    slot = (c % 2) * WORLD
     for p in tl.static_range(WORLD):
         if p != RANK:
             peer = tl.multiple_of(tl.load(buf_ptrs + p).to(tl.pointer_type(bits_ty)), 16)
-            dst = tl.multiple_of((slot + RANK) * region, ALIGN)
+            dst = tl.multiple_of(((c % 2) * (WORLD - 1) + (RANK - 1 if RANK > p else RANK)) * region, ALIGN)
             tl.store(peer + dst + offs, mine, mask=m)
-    acc = tl.zeros(x.shape, tl.float32)
+
+
+@triton.jit
+def _gather(mine, offs, m, c, own_buf, own_bits, region, RANK: tl.constexpr, WORLD: tl.constexpr,
+            UNWRITTEN: tl.constexpr, ALIGN: tl.constexpr, TIMEOUT_NS: tl.constexpr):
+    """Steps 2-4 for a chunk in its call c: the float32 sum over ranks, in rank order, of the
+    peers' values arrived in this rank's buffer and its own (mine). With TIMEOUT_NS a peer that
+    sends nothing for that long (dead, or stopped short of this call) ends the kernel with a trap
+    instead of a wait forever: the host sees a failed launch at its next synchronization."""
+    wire = own_buf.dtype.element_ty
+    acc = tl.zeros(mine.shape, tl.float32)
     for p in tl.static_range(WORLD):
         v = mine
         if p != RANK:
-            src = own_bits + tl.multiple_of((slot + p) * region, ALIGN) + offs
+            src = own_bits + tl.multiple_of(((c % 2) * (WORLD - 1) + (p - 1 if p > RANK else p)) * region, ALIGN) + offs
             v = tl.load(src, mask=m, other=0, volatile=True)
+            if TIMEOUT_NS > 0:
+                t0 = _globaltimer()
             while tl.max(tl.where(v == UNWRITTEN, 1, 0)) > 0:  # (masked lanes read as 0)
                 v = tl.load(src, mask=m, other=0, volatile=True)
-            tl.store(src, tl.full(x.shape, UNWRITTEN, bits_ty), mask=m)
+                if TIMEOUT_NS > 0:
+                    if _globaltimer() - t0 > TIMEOUT_NS:
+                        _trap()
+            tl.store(src, tl.full(mine.shape, UNWRITTEN, own_bits.dtype.element_ty), mask=m)
         acc += v.to(wire, bitcast=True).to(tl.float32)
     return acc
 
 
 @triton.jit
-def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_bits, buf_ptrs, counter_ptr, n, region,
+def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_bits, buf_ptrs, counter_ptr, n, region, n_chunks,
                      RANK: tl.constexpr, WORLD: tl.constexpr, UNWRITTEN: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):
-    b = tl.program_id(0)
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
+                     PDL: tl.constexpr, TIMEOUT_NS: tl.constexpr):
+    """Chunk b of the message (BLOCK values) is program b % G's, for G programs, which first
+    pushes all its chunks and only then waits for its peers' (so no program waits for a chunk that
+    a program not yet running would send: G is at most what the GPU holds at once)."""
+    pid, G = tl.program_id(0), tl.num_programs(0)
     wait_inputs(PDL)  # x is the previous kernel's output
-    c = tl.load(counter_ptr + b)
-    x = tl.load(x_ptr + offs, mask=m, other=0.0)
-    acc = _exchange(x, offs, m, c, own_buf, own_bits, buf_ptrs, region, RANK, WORLD, UNWRITTEN, BLOCK)
-    tl.store(out_ptr + offs, acc, mask=m)
-    tl.store(counter_ptr + b, c + 1)
+    for b in range(pid, n_chunks, G):
+        offs = b * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        c = tl.load(counter_ptr + b)
+        mine = _wire_bits(tl.load(x_ptr + offs, mask=m, other=0.0), own_buf, own_bits, UNWRITTEN)
+        _push(mine, offs, m, c, own_bits, buf_ptrs, region, RANK, WORLD, BLOCK)
+    for b in range(pid, n_chunks, G):
+        offs = b * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        c = tl.load(counter_ptr + b)
+        mine = _wire_bits(tl.load(x_ptr + offs, mask=m, other=0.0), own_buf, own_bits, UNWRITTEN)
+        acc = _gather(mine, offs, m, c, own_buf, own_bits, region, RANK, WORLD, UNWRITTEN, BLOCK, TIMEOUT_NS)
+        tl.store(out_ptr + offs, acc, mask=m)
+        tl.store(counter_ptr + b, c + 1)
 
 
 @triton.jit
@@ -103,7 +153,7 @@ def _one_shot_add_rms_norm_kernel(
         xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share,
         RANK: tl.constexpr, WORLD: tl.constexpr, UNWRITTEN: tl.constexpr, ROW: tl.constexpr,
         HAS_POST: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr, PDL: tl.constexpr, Q8: tl.constexpr,
-        ZB: tl.constexpr):
+        ZB: tl.constexpr, TIMEOUT_NS: tl.constexpr):
     """The sum over ranks of the partial rows x, added to the residual rows h (in place,
     post-normed first with HAS_POST), and h's rms norm: the all-reduce and the fused add + norm
     (kernels/fused.py) in one launch. Program t owns row t whole (n <= BLOCK values, [BLOCK / 4,
@@ -120,7 +170,9 @@ def _one_shot_add_rms_norm_kernel(
     c = tl.load(counter_ptr + t)
     x = tl.load(x_ptr + t * stride_x + offs, mask=m, other=0.0)
     h = tl.load(h_ptr + t * stride_h + offs, mask=m, other=0.0)
-    d = _exchange(x, t * ROW + offs, m, c, own_buf, own_bits, buf_ptrs, region, RANK, WORLD, UNWRITTEN, ROW)
+    mine = _wire_bits(x, own_buf, own_bits, UNWRITTEN)
+    _push(mine, t * ROW + offs, m, c, own_bits, buf_ptrs, region, RANK, WORLD, ROW)
+    d = _gather(mine, t * ROW + offs, m, c, own_buf, own_bits, region, RANK, WORLD, UNWRITTEN, ROW, TIMEOUT_NS)
     add_norm_row(h, d, w, pw, h_ptr + t * stride_h, out_ptr + t * stride_o, offs, m, n, eps,
                  xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share, True, HAS_POST, BLOCK, RNE, Q8, ZB)
     tl.store(counter_ptr + t, c + 1)
@@ -133,7 +185,7 @@ _UNWRITTEN = {torch.int32: -2**31, torch.int16: -2**15}
 
 @dataclass
 class PeerBuffers:
-    """One rank's view of the shared memory: its own buffer (2 slots x world regions of
+    """One rank's view of the shared memory: its own buffer (2 slots x (world - 1) regions of
     `region` values in the wire dtype, all UNWRITTEN before first use: see fill_unwritten),
     every rank's buffer as int64 device addresses in rank order, and its own call counters
     (int64, one per program, zero: 32 bits would wrap after ~16 hours of decoding at 36k calls
@@ -148,7 +200,7 @@ class PeerBuffers:
     @property
     def region(self) -> int:
         """The most values a message may have."""
-        return self.buf.numel() // (2 * self.world)
+        return self.buf.numel() // (2 * (self.world - 1))
 
     @property
     def bits(self) -> torch.Tensor:
@@ -164,7 +216,9 @@ class PeerBuffers:
         values each (BLOCK for the all-reduce, ROW for the one ending in a norm): a region holds
         whole units, so every program's chunk starts aligned."""
         units = triton.cdiv(max_elems, unit)
-        return 2 * world * units * unit, units
+        if world < 2:
+            raise ValueError("one-shot all-reduce: needs 2 ranks or more")
+        return 2 * (world - 1) * units * unit, units
 
     @staticmethod
     def fill_unwritten(buf: torch.Tensor) -> torch.Tensor:
@@ -175,9 +229,16 @@ class PeerBuffers:
         return buf
 
 
-def one_shot_all_reduce(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
+def _timeout_ns() -> int:
+    """The wait after which a program gives up on its peers (0, no limit, in the interpreter,
+    which has no clock and no trap)."""
+    return 0 if interpreting() else int(TIMEOUT_S * 1e9)
+
+
+def one_shot_all_reduce(x: torch.Tensor, peers: PeerBuffers, max_programs: int = 0) -> torch.Tensor:
     """The sum over ranks of x (any float dtype, at most peers.region values; every rank calls
-    with the same size, in the same order of calls), as float32 of x's shape."""
+    with the same size, in the same order of calls), as float32 of x's shape. max_programs: the
+    grid's cap (default: what the GPU holds at once; tests lower it to make programs loop)."""
     n = x.numel()
     if n > peers.region:
         raise ValueError(f"one_shot_all_reduce: {n} values exceed the buffer's {peers.region}")
@@ -188,9 +249,12 @@ def one_shot_all_reduce(x: torch.Tensor, peers: PeerBuffers) -> torch.Tensor:
     if not xf.is_contiguous():
         xf = xf.contiguous()
     pdl = use_pdl(x)
-    _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
-        xf, out, peers.buf, peers.bits, peers.buf_ptrs, peers.counters, n, peers.region, RANK=peers.rank,
-        WORLD=peers.world, UNWRITTEN=peers.unwritten, BLOCK=BLOCK, PDL=pdl, **launch_kw(pdl), num_warps=4)
+    n_chunks = triton.cdiv(n, BLOCK)
+    programs = min(n_chunks, max_programs or PROGRAMS_PER_SM * sm_count(x.device))
+    _one_shot_kernel[(programs,)](
+        xf, out, peers.buf, peers.bits, peers.buf_ptrs, peers.counters, n, peers.region, n_chunks, RANK=peers.rank,
+        WORLD=peers.world, UNWRITTEN=peers.unwritten, BLOCK=BLOCK, PDL=pdl, TIMEOUT_NS=_timeout_ns(),
+        **launch_kw(pdl), num_warps=4)
     return out
 
 
@@ -227,9 +291,10 @@ def one_shot_add_rms_norm(h: torch.Tensor, partial: torch.Tensor, weight: torch.
         x2, h2, pw, weight.contiguous(), out2, n, float(eps), x2.stride(0), h2.stride(0), out2.stride(0),
         peers.buf, peers.bits, peers.buf_ptrs, peers.counters, peers.region, *q8_args,
         RANK=peers.rank, WORLD=peers.world, UNWRITTEN=peers.unwritten, ROW=ROW, HAS_POST=post_weight is not None, BLOCK=cfg["BLOCK"],
-        RNE=interpreting(), PDL=pdl, **launch_kw(pdl), **q8_kw, num_warps=cfg["num_warps"], num_stages=1)
+        RNE=interpreting(), PDL=pdl, TIMEOUT_NS=_timeout_ns(), **launch_kw(pdl), **q8_kw,
+        num_warps=cfg["num_warps"], num_stages=1)
     return h, with_int8(out, qx)
 
 
-__all__ = ["BLOCK", "MAX_ROWS", "ROW", "PeerBuffers", "fits_add_rms_norm", "one_shot_add_rms_norm",
+__all__ = ["BLOCK", "MAX_ROWS", "ROW", "TIMEOUT_S", "PeerBuffers", "fits_add_rms_norm", "one_shot_add_rms_norm",
            "one_shot_all_reduce"]

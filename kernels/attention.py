@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tpruntime.kernels.common import interpreting, launch_kw, use_pdl, wait_inputs
+from tpruntime.kernels.common import interpreting, launch_kw, sm_count, use_pdl, wait_inputs
 from tpruntime.kernels.gemv_q8 import new_quantized, producer_args, quantize_store, zero_share
 from tpruntime.qweight import Int8Request, QuantizedX
 
@@ -47,7 +47,6 @@ LOG2E = 1.4426950408889634
 PROGRAMS_PER_SM = 4  # default split count: programs per SM over all KV heads of a full cache
 NUM_STAGES = 3  # cp.async pipeline depth of the tl.dot path (2 tiles of K and V in flight)
 NUM_WARPS = 4
-_DEFAULT_SMS = 132  # H100 SXM, for the interpreter
 
 
 @triton.jit
@@ -193,13 +192,6 @@ def _merge_kernel(n_keys_ptr, part_ptr, out_ptr, n_ctx, window, n_splits, min_ch
         zero_share(y_ptr, h, share, n_zero, ZB)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_SMS
-
-
 @functools.lru_cache(maxsize=1024)
 def plan(n_head: int, n_kv: int, n_ctx: int, head_dim: int, head_dim_v: int, dtype: torch.dtype,
          device: torch.device, chunk: int | None = None, dot: bool | None = None,
@@ -223,7 +215,7 @@ def plan(n_head: int, n_kv: int, n_ctx: int, head_dim: int, head_dim_v: int, dty
         # As few keys per split as one tile; at most enough splits that all KV heads together
         # give `programs_per_sm` programs per SM.
         min_chunk = block_n
-        n_splits = min(triton.cdiv(n_ctx, block_n), triton.cdiv(programs_per_sm * _sm_count(device), n_kv))
+        n_splits = min(triton.cdiv(n_ctx, block_n), triton.cdiv(programs_per_sm * sm_count(device), n_kv))
     else:
         min_chunk = max(1, int(chunk))
         n_splits = triton.cdiv(n_ctx, min_chunk)

@@ -27,6 +27,14 @@ def _sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """The device's streaming multiprocessors (an H100 SXM's 132 for the interpreter on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 def hopper(t: torch.Tensor) -> bool:
     """Whether t is on an NVIDIA sm_90 or newer GPU (ROCm reports its own capabilities) and
     kernels are compiled (not interpreted)."""

@@ -1,13 +1,16 @@
 """One rank of tests/test_allreduce.py (2+ GPUs of one host): the runtime's all-reduce in mode
 argv[1] and wire dtype argv[2] against NCCL's own all-reduce, eagerly on random data from 1
-element to 4 MB (with a prompt chunk's largest message set to 4 MB of f32, as the engine sets
-it from -ub), then replayed in a CUDA graph with fresh inputs every time."""
+element to 64 MB (with a prompt chunk's largest message set to 64 MB of f32, as the engine sets
+it from -ub: on 2 ranks such a message has more chunks than the GPU holds programs, so each
+program pushes and gathers several), then replayed in a CUDA graph with fresh inputs every time,
+decode-sized messages around a largest one."""
 
 from __future__ import annotations
 
 import faulthandler
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -15,13 +18,35 @@ import torch.distributed as dist
 from tpruntime.comm import ONE_SHOT_MAX_BYTES, REDUCE_DTYPES, DistComm
 from tpruntime.model import resolve_device
 
-MAX_MESSAGE = 1 << 20
+MAX_MESSAGE = 16 << 20
 SIZES = [1, 7, 1000, 4096, 5120, 65536, ONE_SHOT_MAX_BYTES // 4, ONE_SHOT_MAX_BYTES // 2 + 3, MAX_MESSAGE,
          MAX_MESSAGE + 1]
 REPLAYS = 2000
 
 
+def silent_peer() -> None:
+    """Rank 1 sets the path up and then never joins an all-reduce: rank 0's kernel must give up
+    after TPRUNTIME_AR_TIMEOUT_S and the host see it as a lost peer, not wait forever."""
+    from tpruntime.comm import describe_comm_failure, is_comm_failure
+    dev = resolve_device("cuda", int(os.environ["LOCAL_RANK"]))
+    comm = DistComm(dev, "f32", all_reduce="one-shot")
+    print(f"rank {comm.rank}: path set up", flush=True)
+    if comm.rank != 0:
+        time.sleep(float(os.environ["TPRUNTIME_AR_TIMEOUT_S"]) + 20)
+        os._exit(0)
+    try:
+        comm.all_reduce(torch.ones(5120, device=dev))
+        torch.cuda.synchronize()
+        print("rank 0: the all-reduce returned without its peer", flush=True)
+        os._exit(1)
+    except Exception as e:  # a CUDA context that trapped: exit without destructors
+        print(f"rank 0: lost peer {is_comm_failure(e)}: {describe_comm_failure(e).splitlines()[0]}", flush=True)
+        os._exit(0)
+
+
 def main() -> None:
+    if sys.argv[1] == "silent-peer":
+        return silent_peer()
     mode, reduce_type = sys.argv[1], sys.argv[2]
     # a hang (a value that never arrives, a collective never joined) ends with every thread's
     # stack on stderr and a failure, not a test run that stops at its time limit
@@ -50,19 +75,27 @@ def main() -> None:
     # a slot mixed up shows as a wrong value.
     n = 5120
     static = torch.zeros(8, n, device=dev)
+    big = torch.zeros(MAX_MESSAGE, device=dev)
     comm.all_reduce(static[0])  # warm both paths outside the capture
+    comm.all_reduce(big)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = [comm.all_reduce(static[i]) for i in range(8)]
+        outs = [comm.all_reduce(static[i]) for i in range(4)]
+        big_out = comm.all_reduce(big)
+        outs += [comm.all_reduce(static[i]) for i in range(4, 8)]
     base = (torch.arange(8 * n, device=dev) % 5).reshape(8, n).float()
+    big_base = (torch.arange(MAX_MESSAGE, device=dev) % 3).float()
     ranks = sum(range(comm.world_size))
     for it in range(REPLAYS):
         static.copy_(base + (it % 97) + comm.rank)
+        big.copy_(big_base + (it % 89) + comm.rank)
         graph.replay()
         want = comm.world_size * (base + (it % 97)) + ranks
         if not all(torch.equal(o, w) for o, w in zip(outs, want)):
             raise AssertionError(f"replay {it}: wrong sum")
+        if not torch.equal(big_out, comm.world_size * (big_base + (it % 89)) + ranks):
+            raise AssertionError(f"replay {it}: wrong sum of the largest message")
     torch.cuda.synchronize()
     print(f"rank {comm.rank}: {REPLAYS} replays ok", flush=True)
     if getattr(comm.one_shot, "norm_peers", None) is not None:

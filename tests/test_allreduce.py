@@ -51,6 +51,15 @@ def test_all_reduce_equals_nccl(mode, reduce_type):
     assert r.returncode == 0 and r.stdout.count("ok rank") == 2, (r.stdout[-2000:], r.stderr[-3000:])
 
 
+def test_a_silent_peer_ends_the_wait():
+    """A rank whose peer never joins the all-reduce (dead or stuck elsewhere) does not wait
+    forever on the GPU: the kernel gives up after the timeout, and the host reads a lost peer."""
+    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             str(WORKER), "silent-peer"], extra_env={"TPRUNTIME_AR_TIMEOUT_S": "3"}, timeout=120)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "rank 0: lost peer True: a peer sent nothing to the all-reduce for 3 s" in r.stdout, r.stdout[-2000:]
+
+
 def test_all_reduce_ending_in_the_norm_equals_the_two_kernels():
     """TPRUNTIME_FUSED_AR=1: the worker also checks comm.reduce_add_rms_norm (all-reduce, add
     and norm in one kernel) against the all-reduce followed by the fused add + norm."""

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+import triton
 
 from conftest import CUDA
 
@@ -35,7 +36,7 @@ def ints(n: int, call: int, rank: int) -> torch.Tensor:
 def peer_view(r: int, world: int, bufs, unit: int = BLOCK) -> PeerBuffers:
     """Rank r's view of the shared buffers, each at this process's own addresses."""
     return PeerBuffers(bufs[r], torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64),
-                       torch.zeros(bufs[r].numel() // (2 * world * unit), dtype=torch.int64), r, world)
+                       torch.zeros(bufs[r].numel() // (2 * (world - 1) * unit), dtype=torch.int64), r, world)
 
 
 def shared(world: int, max_elems: int, dtype, unit: int = BLOCK):
@@ -61,32 +62,35 @@ def join_ranks(fn, args, world: int) -> None:
             raise AssertionError("a rank is still waiting for its peers after 240 s")
 
 
-def _rank(r: int, world: int, bufs, inputs, results) -> None:
+def _rank(r: int, world: int, bufs, inputs, results, max_programs: int) -> None:
     """One rank: the same calls as every other, inputs[i][r] in, results[i][r] out."""
     os.environ["TRITON_INTERPRET"] = "1"
     peers = peer_view(r, world, bufs)
     for i, x in enumerate(inputs):
-        out = one_shot_all_reduce(x[r], peers)
+        out = one_shot_all_reduce(x[r], peers, max_programs=max_programs)
         results[i][r].copy_(out)
 
 
-def run_ranks(world: int, inputs: list[torch.Tensor], dtype=torch.float32) -> list[torch.Tensor]:
-    """inputs[i]: [world, ...], rank r's input of call i; returns results[i], [world, ...]."""
+def run_ranks(world: int, inputs: list[torch.Tensor], dtype=torch.float32, max_programs: int = 0) -> list[torch.Tensor]:
+    """inputs[i]: [world, ...], rank r's input of call i; returns results[i], [world, ...].
+    max_programs: the grid's cap (0: a program per chunk, as on a GPU for these sizes)."""
     bufs = shared(world, max(x[0].numel() for x in inputs), dtype)
     inputs = [x.share_memory_() for x in inputs]
     results = [torch.full(x.shape, float("nan")).share_memory_() for x in inputs]
-    join_ranks(_rank, (world, bufs, inputs, results), world)
+    join_ranks(_rank, (world, bufs, inputs, results, max_programs), world)
     # every value a rank received it marked again after reading: nothing is left for a later call
     assert all(all_unwritten(b) for b in bufs)
     return results
 
 
-@pytest.mark.parametrize("world,dtype", [(2, torch.float32), (3, torch.bfloat16)])
-def test_sums_over_repeated_calls(world, dtype):
+@pytest.mark.parametrize("world,dtype,max_programs", [(2, torch.float32, 0), (3, torch.bfloat16, 0),
+                                                      (2, torch.float32, 2), (3, torch.float32, 1)])
+def test_sums_over_repeated_calls(world, dtype, max_programs):
     """Calls of several sizes (one program, several, a partial last block), repeated so both
-    slots are reused: every rank gets the exact sum."""
+    slots are reused: every rank gets the exact sum. With the grid capped below the chunks (as
+    for a large message on a GPU), each program pushes several chunks and then gathers them."""
     inputs = [torch.stack([ints(n, i, r) for r in range(world)]) for i, n in enumerate(SIZES)]
-    results = run_ranks(world, inputs, dtype)
+    results = run_ranks(world, inputs, dtype, max_programs)
     for i, n in enumerate(SIZES):
         want = inputs[i].sum(0)
         for r in range(world):
@@ -111,6 +115,16 @@ def test_negative_zero_is_summed_as_zero():
     x = torch.tensor([[-0.0, 0.0, -0.0, 1.0], [-0.0, -0.0, 2.0, -0.0]])
     (res,) = run_ranks(2, [x])
     assert torch.equal(res, torch.tensor([0.0, 0.0, 2.0, 1.0]).expand(2, 4))
+
+
+def test_buffers_hold_a_region_per_peer():
+    """A rank's buffer: 2 slots x a region per peer (it never sends to itself), each holding the
+    largest message in whole chunks."""
+    assert PeerBuffers.sizes(BLOCK + 1, 2) == (2 * 1 * 2 * BLOCK, 2)
+    assert PeerBuffers.sizes(5120, 4, ROW) == (2 * 3 * triton.cdiv(5120, ROW) * ROW, triton.cdiv(5120, ROW))
+    assert peer_view(1, 3, shared(3, 700, torch.float32)).region == BLOCK
+    with pytest.raises(ValueError, match="2 ranks"):
+        PeerBuffers.sizes(BLOCK, 1)
 
 
 def test_rejects_a_message_larger_than_the_buffer():
@@ -217,13 +231,12 @@ def test_all_reduce_add_rms_norm_rows_have_places_of_their_own():
     os.environ["TRITON_INTERPRET"] = "1"
     world, rows, n = 2, 3, 96
     bufs = shared(world, rows * ROW, torch.float32, unit=ROW)
-    region = bufs[0].numel() // (2 * world)
     partial = torch.randn(world, rows, n, generator=torch.Generator().manual_seed(3))
-    for t in range(rows):  # rank 1's rows, as its call 0 would have pushed them: slot 0, region 1
-        bufs[0][region + t * ROW:region + t * ROW + n] = partial[1][t]
+    for t in range(rows):  # rank 1's rows, as its call 0 would have pushed them: slot 0, its region (0)
+        bufs[0][t * ROW:t * ROW + n] = partial[1][t]
     h = torch.zeros(rows, n)
     one_shot_add_rms_norm(h, partial[0], torch.ones(n), EPS, peer_view(0, world, bufs, ROW), out_dtype=torch.float32)
     assert torch.equal(h, partial[0] + partial[1])
-    for t in range(rows):  # rank 0's rows in rank 1's buffer: slot 0, region 0, row t at t * ROW
+    for t in range(rows):  # rank 0's rows in rank 1's buffer: slot 0, its region (0), row t at t * ROW
         assert torch.equal(bufs[1][t * ROW:t * ROW + n], partial[0][t]), t
     assert all_unwritten(bufs[0])  # what rank 0 read, it marked again

@@ -258,7 +258,7 @@ def test_one_shot_buffer_covers_prompt_chunks_only_on_two_ranks():
 
 def test_memory_report_counts_the_all_reduce_buffers():
     """--report-memory names what the one-shot path holds beside the weights and KV cache (on
-    2 ranks its buffers grow to 4 prompt-chunk messages)."""
+    2 ranks its buffers grow to 2 prompt-chunk messages)."""
     from tpruntime.comm import Comm, P2POneShot
     from tpruntime.kernels.allreduce import PeerBuffers
     assert Comm().buffer_bytes == 0
@@ -269,4 +269,22 @@ def test_memory_report_counts_the_all_reduce_buffers():
     one.norm_peers = None
     comm = Comm()
     comm.one_shot = one
-    assert comm.buffer_bytes == 4 * 1024 * 4  # 2 slots x 2 regions x 1024 f32 values
+    assert comm.buffer_bytes == 2 * 1024 * 4  # 2 slots x 1 peer's region x 1024 f32 values
+
+
+def test_all_reduce_kernel_giving_up_reads_as_a_lost_peer(monkeypatch):
+    """Our all-reduce kernel traps when a peer stays silent for TIMEOUT_S; the host sees a failed
+    launch wherever it next synchronizes. Where that path is in use the CLI reports a lost peer
+    (exit 3), naming the wait; elsewhere the same CUDA error stays an internal error."""
+    from tpruntime import comm
+    from tpruntime.kernels.allreduce import TIMEOUT_S
+    trapped = RuntimeError("CUDA error: unspecified launch failure\nCUDA kernel errors might be ...")
+    monkeypatch.setattr(comm, "_P2P_IN_USE", False)
+    assert not comm.is_comm_failure(trapped)
+    monkeypatch.setattr(comm, "_P2P_IN_USE", True)
+    assert comm.is_comm_failure(trapped)
+    assert not comm.is_comm_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert comm.describe_comm_failure(trapped).startswith(f"a peer sent nothing to the all-reduce for {TIMEOUT_S:g} s")
+    lost = comm.PeerLostError("all_reduce failed: x")
+    lost.__cause__ = ConnectionError("")
+    assert comm.describe_comm_failure(lost) == "ConnectionError"

@@ -49,12 +49,11 @@ class _Group(click.Group):
         except Exception as e:
             if os.environ.get("TPRUNTIME_DEBUG"):
                 raise
-            from .comm import is_comm_failure
+            from .comm import describe_comm_failure, is_comm_failure
 
             if is_comm_failure(e):
-                cause = e.__cause__ or e
                 click.echo(f"{prefix}error: lost contact with the other ranks (one died, hung or was "
-                           f"killed): {_first_line(cause)}", err=True)
+                           f"killed): {_first_line(describe_comm_failure(e))}", err=True)
                 _exit(EXIT_LOST_PEER)
             # a bug, not bad input: one line unless asked for more
             click.echo(f"{prefix}internal error: {type(e).__name__}: {_first_line(e)} "
@@ -74,8 +73,9 @@ def _exit(code: int) -> None:
     sys.exit(code)
 
 
-def _first_line(e: BaseException) -> str:
-    """The gist of an exception: first line, without gloo's source location and advice."""
+def _first_line(e) -> str:
+    """The gist of an exception (or of its text): first line, without gloo's source location and
+    advice."""
     text = str(e).strip()
     if not text:
         return type(e).__name__

@@ -32,7 +32,7 @@ def check_all_reduce_mode(mode: str) -> None:
 # Messages up to this size go one-shot on any number of ranks (a decode token's hidden state is
 # 16-20 KB in f32); on 2 ranks also the largest one a prompt chunk sends (one_shot_max_bytes).
 ONE_SHOT_MAX_BYTES = 1 << 20
-# (what a 2-rank buffer may grow to for prompt chunks: 4 x this per rank, 2 slots x 2 regions)
+# (what a 2-rank buffer may grow to for prompt chunks: 2 x this per rank, 2 slots x 1 peer's region)
 ONE_SHOT_MAX_BYTES_2_RANKS = 64 << 20
 
 
@@ -131,8 +131,28 @@ def _collective(fn):
 
 def is_comm_failure(e: BaseException) -> bool:
     """A broken group: a failed collective, or joining it (rendezvous, store) failing with
-    torch's own DistError types."""
-    return isinstance(e, (PeerLostError, dist.DistError, ConnectionError, TimeoutError))
+    torch's own DistError types, or our all-reduce kernel giving up on a silent peer."""
+    return isinstance(e, (PeerLostError, dist.DistError, ConnectionError, TimeoutError)) or peer_timed_out(e)
+
+
+# Whether this process runs our one-shot all-reduce, whose kernel traps when a peer sends nothing
+# for kernels/allreduce.py's TIMEOUT_S: the host then sees a failed launch at its next
+# synchronization, wherever that is (sampling, a copy), not inside a collective.
+_P2P_IN_USE = False
+
+
+def peer_timed_out(e: BaseException) -> bool:
+    # (a trap reads as a launch failure; some drivers call it an illegal instruction)
+    return _P2P_IN_USE and any(s in str(e) for s in ("unspecified launch failure", "illegal instruction"))
+
+
+def describe_comm_failure(e: BaseException) -> str:
+    """The gist of a broken group's error, for the one line the CLI prints."""
+    if peer_timed_out(e):
+        from .kernels.allreduce import TIMEOUT_S
+        return f"a peer sent nothing to the all-reduce for {TIMEOUT_S:g} s (the GPU kernel gave up: {e})"
+    cause = e.__cause__ or e
+    return str(cause).strip() or type(cause).__name__
 
 
 def group_is_up() -> bool:
@@ -204,6 +224,8 @@ class P2POneShot:
     def __init__(self, group, device: torch.device, dtype: torch.dtype, max_bytes: int = ONE_SHOT_MAX_BYTES,
                  fused_norm: bool = FUSED_AR):
         from .kernels.allreduce import BLOCK, MAX_ROWS, ROW
+        global _P2P_IN_USE
+        _P2P_IN_USE = True
         self.dtype = dtype
         self.peers = self._peer_buffers(group, device, max_bytes // dtype.itemsize, BLOCK)
         # the all-reduce ending in a norm counts its calls apart: buffers of its own

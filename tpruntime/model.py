@@ -99,7 +99,9 @@ class Transformer:
         if self.comm.buffer_bytes:
             line += f", all-reduce buffers {self.comm.buffer_bytes / mib:.1f} MiB"
         if self.device.type == "cuda":
-            line += f", device peak {torch.cuda.max_memory_allocated(self.device) / mib:.1f} MiB"
+            # symmetric memory is mapped outside torch's caching allocator: its peak leaves it out
+            line += f", device peak {torch.cuda.max_memory_allocated(self.device) / mib:.1f} MiB" + (
+                " (without the all-reduce buffers)" if self.comm.buffer_bytes else "")
         return line
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
