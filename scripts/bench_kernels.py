@@ -78,6 +78,17 @@ def sweep_for(qname: str) -> list[dict]:
     return SWEEP_K if qname in ("Q4_K", "Q5_K") else SWEEP_6K if qname == "Q6_K" else SWEEP_0
 
 
+def parse_configs(items: list[str]) -> list[dict]:
+    """["PPS=16", "BN=2,REP=1"] -> [{"PPS": 16}, {"BN": 2, "REP": 1}]"""
+    out = []
+    for item in items:
+        try:
+            out.append({k: int(v) for k, v in (kv.split("=") for kv in item.split(","))})
+        except ValueError:
+            raise SystemExit(f"--configs {item!r}: expected K=V[,K=V] with integer values") from None
+    return out
+
+
 def dtype_of(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}[name]
 
@@ -194,6 +205,8 @@ def main() -> None:
     ap.add_argument("--xdtype", nargs="+", default=["bf16"], choices=["bf16", "f32", "f16"])
     ap.add_argument("--sweep", action="store_true", help="time sweep_for(type) configs too")
     ap.add_argument("--sweep-shapes", type=int, default=99, help="sweep only the first N shapes")
+    ap.add_argument("--configs", nargs="+", default=None, metavar="K=V[,K=V]",
+                    help="with --sweep: these configurations instead of the built-in list, e.g. PPS=16 BN=2,REP=1")
     ap.add_argument("--token-shapes", type=int, nargs="+", default=[1, 2],
                     help="indices of the shapes that T > 1 runs on (first x dtype only)")
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1))
@@ -251,7 +264,9 @@ def main() -> None:
                     if args.sweep and si < args.sweep_shapes and xd == args.xdtype[0]:
                         dflt = (q8_default(Q[qname], n, k) if args.q8 else
                                 default_config(Q[qname], n, k, t, dtype_of(xd).itemsize))
-                        for i, cfg in enumerate(SWEEP_Q8 if args.q8 else sweep_for(qname) if t == 1 else SWEEP_T):
+                        sweep = (parse_configs(args.configs) if args.configs else SWEEP_Q8 if args.q8
+                                 else sweep_for(qname) if t == 1 else SWEEP_T)
+                        for i, cfg in enumerate(sweep):
                             if any(dflt.get(key) != val for key, val in cfg.items()):
                                 cases.append((qname, n, k, t, xd, cfg, f"s{i}"))
     precompile([c[:6] for c in cases], args.jobs)

@@ -3,7 +3,7 @@
 # sweep-bench table on synthetic qwen3-8b / qwen3-32b files (Q4_K weights, Q6_K output, gpt-2
 # vocabulary), the kernel path against the dequantized-bf16 torch path, and a decode profile.
 #   STAGES="tests bench8 base8 bench32 long32 profile" bash scripts/device_bench.sh
-# (also: pdlab, pprof, dqbench, q8bench, kbench; allreduce on a multi-GPU kind)
+# (also: pdlab, envab, pprof, dqbench, q8bench, kbench; allreduce on a multi-GPU kind)
 # (carry .whl and .dev/ggml-vocab-gpt-2.gguf). Logs under $OUT; the last lines are a summary.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -63,6 +63,11 @@ for st in $STAGES; do case $st in
       TPRUNTIME_PDL=$v timeout 200 python3 scripts/profile_decode.py "$(model $sh)" --depth 512 --steps 50 \
           --no-profile > "$OUT/pdl$v-$sh.txt" 2>&1
       echo "$sh PDL=$v: $(grep -E "graphs|rror" "$OUT/pdl$v-$sh.txt" | tail -1)" | tee -a "$SUM"; done; done ;;
+  envab)  # decode t/s (depth 512, graphs) under each value of a knob: ABVAR=TPRUNTIME_Q8_PPS ABVALS="0 16"
+    for sh in ${DSHAPES:-qwen3-8b}; do for v in ${ABVALS:-0 1}; do
+      env "${ABVAR:-TPRUNTIME_PDL}=$v" timeout 200 python3 scripts/profile_decode.py "$(model $sh)" --depth 512 \
+          --steps 50 --no-profile > "$OUT/ab-$v-$sh.txt" 2>&1
+      echo "$sh ${ABVAR:-TPRUNTIME_PDL}=$v: $(grep -E "graphs|rror" "$OUT/ab-$v-$sh.txt" | tail -1)" | tee -a "$SUM"; done; done ;;
   pprof)  # where a prefill chunk's time goes (ub 2048, depth 0 and 2048)
     for sh in ${PSHAPES:-qwen3-8b qwen3-32b}; do
       timeout 300 python3 scripts/profile_decode.py "$(model $sh)" --prefill 2048 --depth 2048 > "$OUT/pprof-$sh.txt" 2>&1

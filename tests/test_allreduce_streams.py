@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA
 WORLD = 2
 
 
-def ranks(dtype: torch.dtype, max_elems: int):
+def ranks(dtype: torch.dtype, max_elems: int, unit: int = 1024):
     from tpruntime.kernels.allreduce import PeerBuffers
-    n_buf, n_counters = PeerBuffers.sizes(max_elems, WORLD)
+    n_buf, n_counters = PeerBuffers.sizes(max_elems, WORLD, unit)
     bufs = [PeerBuffers.fill_unwritten(torch.empty(n_buf, dtype=dtype, device="cuda")) for _ in range(WORLD)]
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device="cuda")
     return [PeerBuffers(bufs[r], ptrs, torch.zeros(n_counters, dtype=torch.int64, device="cuda"), r, WORLD)
@@ -39,26 +39,31 @@ class _CompileOnly:
         return lambda *args, **kw: self.kernel.warmup(*args, grid=grid, **kw)._init_handles()
 
 
-def together(peers, xs):
-    """Both ranks' calls launched at once, each on its own stream. Each rank's kernel is compiled
-    and loaded first: loading a module waits for the running kernels, and a rank's kernel runs
-    until its peer's arrives."""
+def together(peers, calls, name="_one_shot_kernel"):
+    """calls[r](peers[r]) for both ranks launched at once, each on its own stream. Each rank's
+    kernel (allreduce.<name>) is compiled and loaded first: loading a module waits for the
+    running kernels, and a rank's kernel runs until its peer's values arrive."""
     from tpruntime.kernels import allreduce
     streams = [torch.cuda.Stream() for _ in peers]
-    kernel = allreduce._one_shot_kernel
-    allreduce._one_shot_kernel = _CompileOnly(kernel)
+    kernel = getattr(allreduce, name)
+    setattr(allreduce, name, _CompileOnly(kernel))
     try:
-        for p, x in zip(peers, xs):
-            allreduce.one_shot_all_reduce(x, p)
+        for p, call in zip(peers, calls):
+            call(p)
     finally:
-        allreduce._one_shot_kernel = kernel
+        setattr(allreduce, name, kernel)
     outs = []
     torch.cuda.synchronize()
-    for p, x, s in zip(peers, xs, streams):
+    for p, call, s in zip(peers, calls, streams):
         with torch.cuda.stream(s):
-            outs.append(allreduce.one_shot_all_reduce(x, p))
+            outs.append(call(p))
     torch.cuda.synchronize()
     return outs
+
+
+def sums(xs):
+    from tpruntime.kernels.allreduce import one_shot_all_reduce
+    return [lambda p, x=x: one_shot_all_reduce(x, p) for x in xs]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,12 +74,39 @@ def test_two_streams_sum_every_size(dtype):
     for it, n in enumerate([1, 5120, 5120, 1 << 20, big, 7, big - 3, 5120, 1000]):
         # small integers: exact in either wire dtype, so a stale slot or chunk shows
         xs = [(torch.randint(0, 50, (n,), generator=g, device="cuda") + it).float() for _ in range(WORLD)]
-        outs = together(peers, xs)
+        outs = together(peers, sums(xs))
         want = xs[0] + xs[1]
         for r, out in enumerate(outs):
             assert torch.equal(out, want), (r, n, it)
     unwritten = peers[0].unwritten
     assert all(bool((p.bits == unwritten).all()) for p in peers)  # every slot marked again
+
+
+def test_two_streams_all_reduce_add_rms_norm():
+    """The all-reduce ending in the residual add and the next norm (TPRUNTIME_FUSED_AR), compiled:
+    every rank's residual and normed row (and its int8 form) equal the plain all-reduce followed by
+    the fused add + norm kernel, over repeated calls of both slots."""
+    from tpruntime.kernels import fused
+    from tpruntime.kernels.allreduce import MAX_ROWS, ROW, one_shot_add_rms_norm
+    from tpruntime.qweight import Int8Request
+    peers = ranks(torch.float32, MAX_ROWS * ROW, ROW)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for it, (rows, n, q8) in enumerate([(1, 5120, True), (1, 4096, False), (3, 5120, False), (1, 5120, True)]):
+        h = torch.randn(rows, n, generator=g, device="cuda") * 3
+        w = 0.5 + torch.rand(n, generator=g, device="cuda")
+        parts = [torch.randn(rows, n, generator=g, device="cuda") for _ in range(WORLD)]
+        hs = [h.clone() for _ in range(WORLD)]
+        req = Int8Request(7) if q8 else None
+        calls = [lambda p, r=r: one_shot_add_rms_norm(hs[r], parts[r], w, 1e-6, p, out_dtype=torch.bfloat16, q8=req)
+                 for r in range(WORLD)]
+        outs = together(peers, calls, "_one_shot_add_rms_norm_kernel")
+        h_ref = h.clone()
+        _, ref = fused.add_rms_norm(h_ref, parts[0] + parts[1], w, 1e-6, out_dtype=torch.bfloat16, q8=req)
+        for r, (h_r, out) in enumerate(outs):
+            assert torch.equal(h_r, h_ref), (it, r, "residual")
+            for k in ("x", "xq", "xd", "xs") if q8 else ():
+                assert torch.equal(getattr(out, k), getattr(ref, k)), (it, r, k)
+            assert q8 or torch.equal(out, ref), (it, r, "normed")
 
 
 def test_a_rank_left_alone_traps():
@@ -92,7 +124,7 @@ try:
     torch.cuda.synchronize()
     print("returned")
 except Exception as e:
-    print("lost", comm.is_comm_failure(e), comm.describe_comm_failure(e).splitlines()[0])
+    print(f"lost {comm.is_comm_failure(e)}: {comm.describe_comm_failure(e).splitlines()[0]}")
 """
     path = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TPRUNTIME_AR_TIMEOUT_S": "2", "PYTHONPATH": path}
