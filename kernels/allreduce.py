@@ -20,9 +20,11 @@ the chunk's c-th call:
 
 c is the chunk's own count, so no host-side state is involved and a captured CUDA graph
 replays the whole protocol. Why the slots cannot be mixed up: a peer stores into slot c % 2 of
-this rank again only in its call c + 2, which needs this rank's data of call c + 1, sent by a
-kernel that began after this one (with its reads and its clearing of slot c % 2) had ended;
-until then a peer can be at most one call ahead, in the other slot. Why no program waits
+this rank again only in its call c + 2, which needs this rank's data of call c + 1, pushed by a
+later kernel after its wait_inputs, i.e. after this one (with its reads and its clearing of slot
+c % 2) had ended: every kernel between them waits for its predecessor the same way (a dependent
+launch may be placed early, but touches nothing before its wait), so the order is transitive.
+Until then a peer can be at most one call ahead, in the other slot. Why no program waits
 forever on a live peer: every chunk a program waits for is pushed by a program that is already
 running (all G are resident) and pushes before it waits; a grid of a program per chunk would
 rely on the GPU placing programs in order once a large message's chunks outnumber its slots.
@@ -56,8 +58,9 @@ BLOCK = 1024  # values per chunk (4 KB of float32): a 16 KB message is 4 program
 # kernel is still finishing on the SM (PDL), and they keep enough stores in flight to fill NVLink.
 PROGRAMS_PER_SM = 4
 # A peer that pushes nothing for this long has died or stopped short of this call (a rank
-# compiling kernels on first use may lag its peers by seconds, never by a minute). Tests shorten it.
-TIMEOUT_S = float(os.environ.get("TPRUNTIME_AR_TIMEOUT_S", "60"))
+# compiling kernels on first use may lag its peers by seconds, never by a minute; the ranks
+# start decoding after a barrier and then step together). TPRUNTIME_AR_TIMEOUT_S overrides it.
+TIMEOUT_S = 60.0
 # The all-reduce ending in add + RMSNorm: one program per row (a decode step's token), whole
 # in registers, so rows up to the norm's longest tile, and up to 8 rows (the GEMVs' batch).
 ROW = MAX_TILE
@@ -70,8 +73,10 @@ def _globaltimer():
 
 
 @triton.jit
-def _trap():
-    tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+def _give_up(gave_up_addr):
+    """Tell the host (a flag in its pinned memory, fenced at system scope) and end the kernel."""
+    tl.inline_asm_elementwise("st.volatile.global.u32 [$1], 1;\n\tmembar.sys;\n\ttrap;", "=r,l", [gave_up_addr],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -96,12 +101,13 @@ def _push(mine, offs, m, c, own_bits, buf_ptrs, region, RANK: tl.constexpr, WORL
 
 
 @triton.jit
-def _gather(mine, offs, m, c, own_buf, own_bits, region, RANK: tl.constexpr, WORLD: tl.constexpr,
+def _gather(mine, offs, m, c, own_buf, own_bits, region, gave_up_addr, RANK: tl.constexpr, WORLD: tl.constexpr,
             UNWRITTEN: tl.constexpr, ALIGN: tl.constexpr, TIMEOUT_NS: tl.constexpr):
     """Steps 2-4 for a chunk in its call c: the float32 sum over ranks, in rank order, of the
     peers' values arrived in this rank's buffer and its own (mine). With TIMEOUT_NS a peer that
     sends nothing for that long (dead, or stopped short of this call) ends the kernel with a trap
-    instead of a wait forever: the host sees a failed launch at its next synchronization."""
+    instead of a wait forever, after setting the host's flag at gave_up_addr: the host sees a
+    failed launch at its next synchronization and the flag says why (see gave_up)."""
     wire = own_buf.dtype.element_ty
     acc = tl.zeros(mine.shape, tl.float32)
     for p in tl.static_range(WORLD):
@@ -115,14 +121,14 @@ def _gather(mine, offs, m, c, own_buf, own_bits, region, RANK: tl.constexpr, WOR
                 v = tl.load(src, mask=m, other=0, volatile=True)
                 if TIMEOUT_NS > 0:
                     if _globaltimer() - t0 > TIMEOUT_NS:
-                        _trap()
+                        _give_up(gave_up_addr)
             tl.store(src, tl.full(mine.shape, UNWRITTEN, own_bits.dtype.element_ty), mask=m)
         acc += v.to(wire, bitcast=True).to(tl.float32)
     return acc
 
 
 @triton.jit
-def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_bits, buf_ptrs, counter_ptr, n, region, n_chunks,
+def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_bits, buf_ptrs, counter_ptr, n, region, n_chunks, gave_up_addr,
                      RANK: tl.constexpr, WORLD: tl.constexpr, UNWRITTEN: tl.constexpr, BLOCK: tl.constexpr,
                      PDL: tl.constexpr, TIMEOUT_NS: tl.constexpr):
     """Chunk b of the message (BLOCK values) is program b % G's, for G programs, which first
@@ -141,7 +147,8 @@ def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_bits, buf_ptrs, counter_ptr, n
         m = offs < n
         c = tl.load(counter_ptr + b)
         mine = _wire_bits(tl.load(x_ptr + offs, mask=m, other=0.0), own_buf, own_bits, UNWRITTEN)
-        acc = _gather(mine, offs, m, c, own_buf, own_bits, region, RANK, WORLD, UNWRITTEN, BLOCK, TIMEOUT_NS)
+        acc = _gather(mine, offs, m, c, own_buf, own_bits, region, gave_up_addr, RANK, WORLD, UNWRITTEN, BLOCK,
+                      TIMEOUT_NS)
         tl.store(out_ptr + offs, acc, mask=m)
         tl.store(counter_ptr + b, c + 1)
 
@@ -149,7 +156,7 @@ def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_bits, buf_ptrs, counter_ptr, n
 @triton.jit
 def _one_shot_add_rms_norm_kernel(
         x_ptr, h_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x, stride_h, stride_o,
-        own_buf, own_bits, buf_ptrs, counter_ptr, region,
+        own_buf, own_bits, buf_ptrs, counter_ptr, region, gave_up_addr,
         xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share,
         RANK: tl.constexpr, WORLD: tl.constexpr, UNWRITTEN: tl.constexpr, ROW: tl.constexpr,
         HAS_POST: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr, PDL: tl.constexpr, Q8: tl.constexpr,
@@ -172,7 +179,8 @@ def _one_shot_add_rms_norm_kernel(
     h = tl.load(h_ptr + t * stride_h + offs, mask=m, other=0.0)
     mine = _wire_bits(x, own_buf, own_bits, UNWRITTEN)
     _push(mine, t * ROW + offs, m, c, own_bits, buf_ptrs, region, RANK, WORLD, ROW)
-    d = _gather(mine, t * ROW + offs, m, c, own_buf, own_bits, region, RANK, WORLD, UNWRITTEN, ROW, TIMEOUT_NS)
+    d = _gather(mine, t * ROW + offs, m, c, own_buf, own_bits, region, gave_up_addr, RANK, WORLD, UNWRITTEN, ROW,
+                TIMEOUT_NS)
     add_norm_row(h, d, w, pw, h_ptr + t * stride_h, out_ptr + t * stride_o, offs, m, n, eps,
                  xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share, True, HAS_POST, BLOCK, RNE, Q8, ZB)
     tl.store(counter_ptr + t, c + 1)
@@ -188,8 +196,8 @@ class PeerBuffers:
     """One rank's view of the shared memory: its own buffer (2 slots x (world - 1) regions of
     `region` values in the wire dtype, all UNWRITTEN before first use: see fill_unwritten),
     every rank's buffer as int64 device addresses in rank order, and its own call counters
-    (int64, one per program, zero: 32 bits would wrap after ~16 hours of decoding at 36k calls
-    a second)."""
+    (int64, one per chunk of the largest message, zero: 32 bits would wrap after ~16 hours of
+    decoding at 36k calls a second)."""
 
     buf: torch.Tensor
     buf_ptrs: torch.Tensor
@@ -229,10 +237,74 @@ class PeerBuffers:
         return buf
 
 
+def timeout_s() -> float:
+    """TPRUNTIME_AR_TIMEOUT_S, or TIMEOUT_S: the seconds a program waits for a peer's values
+    before it gives up (0: forever)."""
+    raw = os.environ.get("TPRUNTIME_AR_TIMEOUT_S")
+    if raw is None:
+        return TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:
+        raise ValueError(f"TPRUNTIME_AR_TIMEOUT_S={raw!r}: expected seconds >= 0 (0: wait forever)")
+    return value
+
+
 def _timeout_ns() -> int:
-    """The wait after which a program gives up on its peers (0, no limit, in the interpreter,
-    which has no clock and no trap)."""
-    return 0 if interpreting() else int(TIMEOUT_S * 1e9)
+    """(0, no limit, in the interpreter, which has no clock and no trap)"""
+    return 0 if interpreting() else int(timeout_s() * 1e9)
+
+
+# Pinned host memory a kernel sets to 1 before it traps on a silent peer: still readable once the
+# trap has ended the CUDA context, it tells the host that the launch failure it reads is a peer's
+# silence and not a fault of its own.
+_GAVE_UP: torch.Tensor | None = None
+
+
+def gave_up_address(device: torch.device) -> int:
+    """The flag's address (the same on the device: pinned memory is mapped), made on first use:
+    call it before any graph capture."""
+    global _GAVE_UP
+    if device.type != "cuda" or interpreting():
+        return 0
+    if _GAVE_UP is None:
+        _GAVE_UP = torch.zeros(1, dtype=torch.int32).pin_memory()
+    return _GAVE_UP.data_ptr()
+
+
+def gave_up() -> bool:
+    """Whether an all-reduce kernel of this process gave up waiting for a peer."""
+    return _GAVE_UP is not None and bool(_GAVE_UP[0])
+
+
+# Programs per SM that one compiled all-reduce kernel may run, by (device, the kernel's key).
+_RESIDENT: dict = {}
+
+
+def _resident_per_sm(kernel, args: tuple, kw: dict, device: torch.device) -> int:
+    """PROGRAMS_PER_SM, or fewer where the compiled kernel's registers or shared memory would
+    not let that many stay on an SM at once (the forward-progress argument above needs every
+    program resident). Compiled and checked once per variant, before its first launch."""
+    key = (device, kw["RANK"], kw["WORLD"], kw["UNWRITTEN"], kw["PDL"], kw["TIMEOUT_NS"], args[2].dtype)
+    if key not in _RESIDENT:
+        per_sm = PROGRAMS_PER_SM
+        compiled = kernel.warmup(*args, grid=(1,), **kw)
+        init = getattr(compiled, "_init_handles", None)  # (loads it: registers are known then)
+        if init is not None:
+            init()
+            props = torch.cuda.get_device_properties(device)
+            threads = 32 * kw["num_warps"]
+            regs = max(1, getattr(compiled, "n_regs", 0) or 0) * threads
+            smem = getattr(compiled.metadata, "shared", 0) or 0
+            per_sm = min(per_sm, props.max_threads_per_multi_processor // threads,
+                         getattr(props, "regs_per_multiprocessor", 65536) // regs,
+                         props.shared_memory_per_multiprocessor // smem if smem else per_sm)
+        if per_sm < 1:
+            raise RuntimeError("one-shot all-reduce: its kernel does not fit an SM")
+        _RESIDENT[key] = per_sm
+    return _RESIDENT[key]
 
 
 def one_shot_all_reduce(x: torch.Tensor, peers: PeerBuffers, max_programs: int = 0) -> torch.Tensor:
@@ -250,11 +322,15 @@ def one_shot_all_reduce(x: torch.Tensor, peers: PeerBuffers, max_programs: int =
         xf = xf.contiguous()
     pdl = use_pdl(x)
     n_chunks = triton.cdiv(n, BLOCK)
-    programs = min(n_chunks, max_programs or PROGRAMS_PER_SM * sm_count(x.device))
-    _one_shot_kernel[(programs,)](
-        xf, out, peers.buf, peers.bits, peers.buf_ptrs, peers.counters, n, peers.region, n_chunks, RANK=peers.rank,
-        WORLD=peers.world, UNWRITTEN=peers.unwritten, BLOCK=BLOCK, PDL=pdl, TIMEOUT_NS=_timeout_ns(),
-        **launch_kw(pdl), num_warps=4)
+    args = (xf, out, peers.buf, peers.bits, peers.buf_ptrs, peers.counters, n, peers.region, n_chunks,
+            gave_up_address(x.device))
+    kw = dict(RANK=peers.rank, WORLD=peers.world, UNWRITTEN=peers.unwritten, BLOCK=BLOCK, PDL=pdl,
+              TIMEOUT_NS=_timeout_ns(), num_warps=4, **launch_kw(pdl))
+    if not max_programs:
+        per_sm = _resident_per_sm(_one_shot_kernel, args, kw, x.device) if x.is_cuda and not interpreting() \
+            else PROGRAMS_PER_SM
+        max_programs = per_sm * sm_count(x.device)
+    _one_shot_kernel[(min(n_chunks, max_programs),)](*args, **kw)
     return out
 
 
@@ -289,12 +365,12 @@ def one_shot_add_rms_norm(h: torch.Tensor, partial: torch.Tensor, weight: torch.
     pdl = use_pdl(h)
     _one_shot_add_rms_norm_kernel[(rows,)](
         x2, h2, pw, weight.contiguous(), out2, n, float(eps), x2.stride(0), h2.stride(0), out2.stride(0),
-        peers.buf, peers.bits, peers.buf_ptrs, peers.counters, peers.region, *q8_args,
+        peers.buf, peers.bits, peers.buf_ptrs, peers.counters, peers.region, gave_up_address(h.device), *q8_args,
         RANK=peers.rank, WORLD=peers.world, UNWRITTEN=peers.unwritten, ROW=ROW, HAS_POST=post_weight is not None, BLOCK=cfg["BLOCK"],
         RNE=interpreting(), PDL=pdl, TIMEOUT_NS=_timeout_ns(), **launch_kw(pdl), **q8_kw,
         num_warps=cfg["num_warps"], num_stages=1)
     return h, with_int8(out, qx)
 
 
-__all__ = ["BLOCK", "MAX_ROWS", "ROW", "TIMEOUT_S", "PeerBuffers", "fits_add_rms_norm", "one_shot_add_rms_norm",
+__all__ = ["BLOCK", "MAX_ROWS", "ROW", "TIMEOUT_S", "PeerBuffers", "gave_up", "gave_up_address", "timeout_s", "fits_add_rms_norm", "one_shot_add_rms_norm",
            "one_shot_all_reduce"]

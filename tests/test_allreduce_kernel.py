@@ -62,18 +62,22 @@ def join_ranks(fn, args, world: int) -> None:
             raise AssertionError("a rank is still waiting for its peers after 240 s")
 
 
-def _rank(r: int, world: int, bufs, inputs, results, max_programs: int) -> None:
+def _rank(r: int, world: int, bufs, inputs, results, max_programs: list[int]) -> None:
     """One rank: the same calls as every other, inputs[i][r] in, results[i][r] out."""
     os.environ["TRITON_INTERPRET"] = "1"
     peers = peer_view(r, world, bufs)
     for i, x in enumerate(inputs):
-        out = one_shot_all_reduce(x[r], peers, max_programs=max_programs)
+        out = one_shot_all_reduce(x[r], peers, max_programs=max_programs[r])
         results[i][r].copy_(out)
 
 
-def run_ranks(world: int, inputs: list[torch.Tensor], dtype=torch.float32, max_programs: int = 0) -> list[torch.Tensor]:
+def run_ranks(world: int, inputs: list[torch.Tensor], dtype=torch.float32,
+              max_programs: "int | list[int]" = 0) -> list[torch.Tensor]:
     """inputs[i]: [world, ...], rank r's input of call i; returns results[i], [world, ...].
-    max_programs: the grid's cap (0: a program per chunk, as on a GPU for these sizes)."""
+    max_programs: the grid's cap, or each rank's (0: a program per chunk, as on a GPU for these
+    sizes)."""
+    if isinstance(max_programs, int):
+        max_programs = [max_programs] * world
     bufs = shared(world, max(x[0].numel() for x in inputs), dtype)
     inputs = [x.share_memory_() for x in inputs]
     results = [torch.full(x.shape, float("nan")).share_memory_() for x in inputs]
@@ -84,11 +88,15 @@ def run_ranks(world: int, inputs: list[torch.Tensor], dtype=torch.float32, max_p
 
 
 @pytest.mark.parametrize("world,dtype,max_programs", [(2, torch.float32, 0), (3, torch.bfloat16, 0),
-                                                      (2, torch.float32, 2), (3, torch.float32, 1)])
+                                                      (2, torch.float32, 2), (3, torch.float32, 1),
+                                                      (2, torch.float32, [1, 3])])
 def test_sums_over_repeated_calls(world, dtype, max_programs):
     """Calls of several sizes (one program, several, a partial last block), repeated so both
     slots are reused: every rank gets the exact sum. With the grid capped below the chunks (as
-    for a large message on a GPU), each program pushes several chunks and then gathers them."""
+    for a large message on a GPU), each program pushes several chunks and then gathers them; with
+    caps that differ between ranks (GPUs of different SM counts) a chunk's pusher and gatherer
+    are different programs, so a program that waited before pushing all its chunks would wait
+    for a peer program that waits for it."""
     inputs = [torch.stack([ints(n, i, r) for r in range(world)]) for i, n in enumerate(SIZES)]
     results = run_ranks(world, inputs, dtype, max_programs)
     for i, n in enumerate(SIZES):

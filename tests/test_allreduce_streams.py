@@ -38,46 +38,50 @@ class _CompileOnly:
     def __getitem__(self, grid):
         return lambda *args, **kw: self.kernel.warmup(*args, grid=grid, **kw)._init_handles()
 
+    def warmup(self, *args, **kw):
+        return self.kernel.warmup(*args, **kw)
+
 
 def together(peers, calls, name="_one_shot_kernel"):
-    """calls[r](peers[r]) for both ranks launched at once, each on its own stream. Each rank's
-    kernel (allreduce.<name>) is compiled and loaded first: loading a module waits for the
-    running kernels, and a rank's kernel runs until its peer's values arrive."""
+    """calls[r]: rank r's calls (functions of its PeerBuffers), launched one after another on its
+    own stream with no synchronization between them, while the other rank's run on another:
+    consecutive calls overlap as in a decode step. Each rank's kernel (allreduce.<name>) is
+    compiled and loaded first: loading a module waits for the running kernels, and a rank's
+    kernel runs until its peer's values arrive. Returns each rank's results."""
     from tpruntime.kernels import allreduce
     streams = [torch.cuda.Stream() for _ in peers]
     kernel = getattr(allreduce, name)
     setattr(allreduce, name, _CompileOnly(kernel))
-    try:
-        for p, call in zip(peers, calls):
-            call(p)
+    try:  # (every call: a message size may be a variant of its own, e.g. a size of 1)
+        for p, rank_calls in zip(peers, calls):
+            for call in rank_calls:
+                call(p)
     finally:
         setattr(allreduce, name, kernel)
-    outs = []
+    outs = [[] for _ in peers]
     torch.cuda.synchronize()
-    for p, call, s in zip(peers, calls, streams):
+    for p, rank_calls, s, out in zip(peers, calls, streams, outs):
         with torch.cuda.stream(s):
-            outs.append(call(p))
+            for call in rank_calls:
+                out.append(call(p))
     torch.cuda.synchronize()
     return outs
 
 
-def sums(xs):
-    from tpruntime.kernels.allreduce import one_shot_all_reduce
-    return [lambda p, x=x: one_shot_all_reduce(x, p) for x in xs]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_two_streams_sum_every_size(dtype):
+    from tpruntime.kernels.allreduce import one_shot_all_reduce
     big = 16 << 20  # 64 MB of f32: more chunks than the GPU holds programs
     peers = ranks(dtype, big)
     g = torch.Generator(device="cuda").manual_seed(1)
-    for it, n in enumerate([1, 5120, 5120, 1 << 20, big, 7, big - 3, 5120, 1000]):
-        # small integers: exact in either wire dtype, so a stale slot or chunk shows
-        xs = [(torch.randint(0, 50, (n,), generator=g, device="cuda") + it).float() for _ in range(WORLD)]
-        outs = together(peers, sums(xs))
-        want = xs[0] + xs[1]
-        for r, out in enumerate(outs):
-            assert torch.equal(out, want), (r, n, it)
+    sizes = [5120, 1, 5120, 5120, 1 << 20, big, 7, big - 3, 5120, 1000, 5120, 5120]
+    # small integers: exact in either wire dtype, so a stale slot or chunk shows
+    xs = [[(torch.randint(0, 50, (n,), generator=g, device="cuda") + it).float() for _ in range(WORLD)]
+          for it, n in enumerate(sizes)]
+    outs = together(peers, [[lambda p, x=x[r]: one_shot_all_reduce(x, p) for x in xs] for r in range(WORLD)])
+    for it, x in enumerate(xs):
+        for r in range(WORLD):
+            assert torch.equal(outs[r][it], x[0] + x[1]), (r, sizes[it], it)
     unwritten = peers[0].unwritten
     assert all(bool((p.bits == unwritten).all()) for p in peers)  # every slot marked again
 
@@ -91,22 +95,25 @@ def test_two_streams_all_reduce_add_rms_norm():
     from tpruntime.qweight import Int8Request
     peers = ranks(torch.float32, MAX_ROWS * ROW, ROW)
     g = torch.Generator(device="cuda").manual_seed(2)
-    for it, (rows, n, q8) in enumerate([(1, 5120, True), (1, 4096, False), (3, 5120, False), (1, 5120, True)]):
+    cases = [(1, 5120, True), (1, 4096, False), (3, 5120, False), (1, 5120, True), (1, 5120, False)]
+    inputs = []
+    for rows, n, q8 in cases:
         h = torch.randn(rows, n, generator=g, device="cuda") * 3
         w = 0.5 + torch.rand(n, generator=g, device="cuda")
         parts = [torch.randn(rows, n, generator=g, device="cuda") for _ in range(WORLD)]
-        hs = [h.clone() for _ in range(WORLD)]
-        req = Int8Request(7) if q8 else None
-        calls = [lambda p, r=r: one_shot_add_rms_norm(hs[r], parts[r], w, 1e-6, p, out_dtype=torch.bfloat16, q8=req)
-                 for r in range(WORLD)]
-        outs = together(peers, calls, "_one_shot_add_rms_norm_kernel")
+        inputs.append((h, w, parts, [h.clone() for _ in range(WORLD)], Int8Request(7) if q8 else None))
+    calls = [[lambda p, r=r, c=c: one_shot_add_rms_norm(c[3][r], c[2][r], c[1], 1e-6, p, out_dtype=torch.bfloat16,
+                                                        q8=c[4]) for c in inputs] for r in range(WORLD)]
+    outs = together(peers, calls, "_one_shot_add_rms_norm_kernel")
+    for it, (h, w, parts, hs, req) in enumerate(inputs):
         h_ref = h.clone()
         _, ref = fused.add_rms_norm(h_ref, parts[0] + parts[1], w, 1e-6, out_dtype=torch.bfloat16, q8=req)
-        for r, (h_r, out) in enumerate(outs):
+        for r in range(WORLD):
+            h_r, out = outs[r][it]
             assert torch.equal(h_r, h_ref), (it, r, "residual")
-            for k in ("x", "xq", "xd", "xs") if q8 else ():
+            for k in ("x", "xq", "xd", "xs") if req is not None else ():
                 assert torch.equal(getattr(out, k), getattr(ref, k)), (it, r, k)
-            assert q8 or torch.equal(out, ref), (it, r, "normed")
+            assert req is not None or torch.equal(out, ref), (it, r, "normed")
 
 
 def test_a_rank_left_alone_traps():
@@ -117,7 +124,6 @@ import torch
 from tpruntime import comm
 from tpruntime.kernels.allreduce import one_shot_all_reduce
 from test_allreduce_streams import ranks
-comm._P2P_IN_USE = True
 peers = ranks(torch.float32, 5120)
 try:
     one_shot_all_reduce(torch.ones(5120, device="cuda"), peers[0])

@@ -273,18 +273,39 @@ def test_memory_report_counts_the_all_reduce_buffers():
 
 
 def test_all_reduce_kernel_giving_up_reads_as_a_lost_peer(monkeypatch):
-    """Our all-reduce kernel traps when a peer stays silent for TIMEOUT_S; the host sees a failed
-    launch wherever it next synchronizes. Where that path is in use the CLI reports a lost peer
-    (exit 3), naming the wait; elsewhere the same CUDA error stays an internal error."""
+    """Our all-reduce kernel sets a flag in host memory and traps when a peer stays silent; the
+    host sees a failed launch wherever it next synchronizes. With the flag set the CLI reports a
+    lost peer (exit 3), naming the wait; without it the same CUDA error stays this rank's own
+    (an internal error), whatever its wording."""
     from tpruntime import comm
-    from tpruntime.kernels.allreduce import TIMEOUT_S
+    from tpruntime.kernels import allreduce
     trapped = RuntimeError("CUDA error: unspecified launch failure\nCUDA kernel errors might be ...")
-    monkeypatch.setattr(comm, "_P2P_IN_USE", False)
+    monkeypatch.setattr(allreduce, "_GAVE_UP", None)
     assert not comm.is_comm_failure(trapped)
-    monkeypatch.setattr(comm, "_P2P_IN_USE", True)
+    monkeypatch.setattr(allreduce, "_GAVE_UP", torch.zeros(1, dtype=torch.int32))
+    assert not comm.is_comm_failure(trapped)
+    allreduce._GAVE_UP[0] = 1
     assert comm.is_comm_failure(trapped)
-    assert not comm.is_comm_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
-    assert comm.describe_comm_failure(trapped).startswith(f"a peer sent nothing to the all-reduce for {TIMEOUT_S:g} s")
+    monkeypatch.setenv("TPRUNTIME_AR_TIMEOUT_S", "2.5")
+    assert comm.describe_comm_failure(trapped) == ("a peer sent nothing to the all-reduce for 2.5 s (the GPU "
+                                                   "kernel gave up: CUDA error: unspecified launch failure)")
+    monkeypatch.setattr(allreduce, "_GAVE_UP", None)
     lost = comm.PeerLostError("all_reduce failed: x")
     lost.__cause__ = ConnectionError("")
     assert comm.describe_comm_failure(lost) == "ConnectionError"
+
+
+@pytest.mark.parametrize("raw,want", [(None, 60.0), ("0", 0.0), ("3", 3.0), ("x", None), ("-1", None),
+                                      ("nan", None), ("inf", None)])
+def test_all_reduce_timeout_setting(raw, want, monkeypatch):
+    """TPRUNTIME_AR_TIMEOUT_S: seconds >= 0 (0: wait forever); anything else is refused."""
+    from tpruntime.kernels.allreduce import timeout_s
+    if raw is None:
+        monkeypatch.delenv("TPRUNTIME_AR_TIMEOUT_S", raising=False)
+    else:
+        monkeypatch.setenv("TPRUNTIME_AR_TIMEOUT_S", raw)
+    if want is None:
+        with pytest.raises(ValueError, match="expected seconds"):
+            timeout_s()
+    else:
+        assert timeout_s() == want

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sys
 from datetime import timedelta
 
 import torch
@@ -135,22 +136,20 @@ def is_comm_failure(e: BaseException) -> bool:
     return isinstance(e, (PeerLostError, dist.DistError, ConnectionError, TimeoutError)) or peer_timed_out(e)
 
 
-# Whether this process runs our one-shot all-reduce, whose kernel traps when a peer sends nothing
-# for kernels/allreduce.py's TIMEOUT_S: the host then sees a failed launch at its next
-# synchronization, wherever that is (sampling, a copy), not inside a collective.
-_P2P_IN_USE = False
-
-
 def peer_timed_out(e: BaseException) -> bool:
-    # (a trap reads as a launch failure; some drivers call it an illegal instruction)
-    return _P2P_IN_USE and any(s in str(e) for s in ("unspecified launch failure", "illegal instruction"))
+    """Whether e comes from our all-reduce kernel giving up on a silent peer (kernels/allreduce.py:
+    it sets a flag in host memory, then traps; the host reads a failed launch at its next
+    synchronization, wherever that is: sampling, a copy, not inside a collective)."""
+    allreduce = sys.modules.get("tpruntime.kernels.allreduce")
+    return allreduce is not None and allreduce.gave_up()
 
 
 def describe_comm_failure(e: BaseException) -> str:
     """The gist of a broken group's error, for the one line the CLI prints."""
     if peer_timed_out(e):
-        from .kernels.allreduce import TIMEOUT_S
-        return f"a peer sent nothing to the all-reduce for {TIMEOUT_S:g} s (the GPU kernel gave up: {e})"
+        from .kernels.allreduce import timeout_s
+        cuda = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"a peer sent nothing to the all-reduce for {timeout_s():g} s (the GPU kernel gave up: {cuda})"
     cause = e.__cause__ or e
     return str(cause).strip() or type(cause).__name__
 
@@ -223,10 +222,9 @@ class P2POneShot:
 
     def __init__(self, group, device: torch.device, dtype: torch.dtype, max_bytes: int = ONE_SHOT_MAX_BYTES,
                  fused_norm: bool = FUSED_AR):
-        from .kernels.allreduce import BLOCK, MAX_ROWS, ROW
-        global _P2P_IN_USE
-        _P2P_IN_USE = True
+        from .kernels.allreduce import BLOCK, MAX_ROWS, ROW, gave_up_address
         self.dtype = dtype
+        gave_up_address(device)  # (its pinned flag made now, not inside a graph capture)
         self.peers = self._peer_buffers(group, device, max_bytes // dtype.itemsize, BLOCK)
         # the all-reduce ending in a norm counts its calls apart: buffers of its own
         self.norm_peers = self._peer_buffers(group, device, MAX_ROWS * ROW, ROW) if fused_norm else None
@@ -296,6 +294,12 @@ class DistComm(Comm):
                        if backend != "gloo" else None)
         # Loading takes as long as the slowest rank's disk: its barrier gets its own patience.
         self._control = dist.new_group(backend="gloo", timeout=timedelta(seconds=load_timeout_s))
+        if all_reduce != "nccl" and device.type == "cuda":
+            from .kernels.allreduce import timeout_s
+            try:
+                timeout_s()
+            except ValueError as e:
+                raise TpError(str(e)) from None
         self.one_shot = self._choose_one_shot(all_reduce, max_message) if all_reduce != "nccl" else None
 
     def _choose_one_shot(self, mode: str, max_message: int) -> "TorchOneShot | P2POneShot | None":
