@@ -17,6 +17,7 @@ token with the same ones).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -43,11 +44,18 @@ def _cast(x, dtype: tl.constexpr, RNE: tl.constexpr):
     return y
 
 
-def _warps_for(block: int, per_thread: int) -> int:
+def _warps_for(block: int, per_thread: int, most: int = 8) -> int:
     # Enough warps that no thread holds more than `per_thread` values of a row tile: fewer warps
     # keep a row's reduction inside one warp (shuffles, no shared-memory round trip), more keep
     # the register count (and spills) down on the long rows.
-    return max(1, min(8, block // (32 * per_thread)))
+    return max(1, min(most, block // (32 * per_thread)))
+
+
+# Values per thread of a norm's row tile. A decode step's norm is one program on one row, so its
+# time is latency: 16 values a thread (16 warps at 5120 values, 8 at 4096) rather than 32 made
+# decode steps 1.1% (qwen3-32b) and 1.5% (qwen3-8b) faster on an H100 (8 was no better;
+# docs/benchmarks.md). TPRUNTIME_NORM_PER_THREAD sets it for A/B runs.
+NORM_PER_THREAD = int(os.environ.get("TPRUNTIME_NORM_PER_THREAD", "16"))
 
 
 # --- RMS norm, with the residual add ---------------------------------------------------------
@@ -153,7 +161,7 @@ def norm_config(n: int, max_tile: int) -> dict:
     if block > max_tile:
         block = max_tile // 2
         chunks = triton.cdiv(n, block)
-    return dict(BLOCK=block, NCHUNK=chunks, num_warps=_warps_for(block, 32), num_stages=1)
+    return dict(BLOCK=block, NCHUNK=chunks, num_warps=_warps_for(block, NORM_PER_THREAD, 32), num_stages=1)
 
 
 def row_view(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
