@@ -87,6 +87,22 @@ def _wire_bits(x, own_buf, own_bits, UNWRITTEN: tl.constexpr):
 
 
 @triton.jit
+def _region(c, OWNER: tl.constexpr, SENDER: tl.constexpr, region, WORLD: tl.constexpr, ALIGN: tl.constexpr):
+    """Where, in OWNER's buffer, SENDER's values of call c go: slot c % 2, then the region of
+    SENDER among OWNER's peers in rank order (OWNER itself left out)."""
+    return tl.multiple_of(((c % 2) * (WORLD - 1) + (SENDER - 1 if SENDER > OWNER else SENDER)) * region, ALIGN)
+
+
+@triton.jit
+def _chunk(b, x_ptr, counter_ptr, n, own_buf, own_bits, UNWRITTEN: tl.constexpr, BLOCK: tl.constexpr):
+    """Chunk b of the message: its offsets, mask, call count, and this rank's values on the wire."""
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    c = tl.load(counter_ptr + b)
+    return offs, m, c, _wire_bits(tl.load(x_ptr + offs, mask=m, other=0.0), own_buf, own_bits, UNWRITTEN)
+
+
+@triton.jit
 def _push(mine, offs, m, c, own_bits, buf_ptrs, region, RANK: tl.constexpr, WORLD: tl.constexpr,
           ALIGN: tl.constexpr):
     """Step 1 for a chunk in its call c: this rank's wire values stored into every peer's buffer,
@@ -96,8 +112,7 @@ def _push(mine, offs, m, c, own_bits, buf_ptrs, region, RANK: tl.constexpr, WORL
     for p in tl.static_range(WORLD):
         if p != RANK:
             peer = tl.multiple_of(tl.load(buf_ptrs + p).to(tl.pointer_type(bits_ty)), 16)
-            dst = tl.multiple_of(((c % 2) * (WORLD - 1) + (RANK - 1 if RANK > p else RANK)) * region, ALIGN)
-            tl.store(peer + dst + offs, mine, mask=m)
+            tl.store(peer + _region(c, p, RANK, region, WORLD, ALIGN) + offs, mine, mask=m)
 
 
 @triton.jit
@@ -113,7 +128,7 @@ def _gather(mine, offs, m, c, own_buf, own_bits, region, gave_up_addr, RANK: tl.
     for p in tl.static_range(WORLD):
         v = mine
         if p != RANK:
-            src = own_bits + tl.multiple_of(((c % 2) * (WORLD - 1) + (p - 1 if p > RANK else p)) * region, ALIGN) + offs
+            src = own_bits + _region(c, RANK, p, region, WORLD, ALIGN) + offs
             v = tl.load(src, mask=m, other=0, volatile=True)
             if TIMEOUT_NS > 0:
                 t0 = _globaltimer()
@@ -137,16 +152,10 @@ def _one_shot_kernel(x_ptr, out_ptr, own_buf, own_bits, buf_ptrs, counter_ptr, n
     pid, G = tl.program_id(0), tl.num_programs(0)
     wait_inputs(PDL)  # x is the previous kernel's output
     for b in range(pid, n_chunks, G):
-        offs = b * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        c = tl.load(counter_ptr + b)
-        mine = _wire_bits(tl.load(x_ptr + offs, mask=m, other=0.0), own_buf, own_bits, UNWRITTEN)
+        offs, m, c, mine = _chunk(b, x_ptr, counter_ptr, n, own_buf, own_bits, UNWRITTEN, BLOCK)
         _push(mine, offs, m, c, own_bits, buf_ptrs, region, RANK, WORLD, BLOCK)
-    for b in range(pid, n_chunks, G):
-        offs = b * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n
-        c = tl.load(counter_ptr + b)
-        mine = _wire_bits(tl.load(x_ptr + offs, mask=m, other=0.0), own_buf, own_bits, UNWRITTEN)
+    for b in range(pid, n_chunks, G):  # (the chunk again: registers cannot hold all of a program's)
+        offs, m, c, mine = _chunk(b, x_ptr, counter_ptr, n, own_buf, own_bits, UNWRITTEN, BLOCK)
         acc = _gather(mine, offs, m, c, own_buf, own_bits, region, gave_up_addr, RANK, WORLD, UNWRITTEN, BLOCK,
                       TIMEOUT_NS)
         tl.store(out_ptr + offs, acc, mask=m)
@@ -372,5 +381,5 @@ def one_shot_add_rms_norm(h: torch.Tensor, partial: torch.Tensor, weight: torch.
     return h, with_int8(out, qx)
 
 
-__all__ = ["BLOCK", "MAX_ROWS", "ROW", "TIMEOUT_S", "PeerBuffers", "gave_up", "gave_up_address", "timeout_s", "fits_add_rms_norm", "one_shot_add_rms_norm",
-           "one_shot_all_reduce"]
+__all__ = ["BLOCK", "MAX_ROWS", "ROW", "TIMEOUT_S", "PeerBuffers", "fits_add_rms_norm", "gave_up", "gave_up_address",
+           "one_shot_add_rms_norm", "one_shot_all_reduce", "timeout_s"]
