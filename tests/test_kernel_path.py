@@ -52,6 +52,9 @@ def test_interpreted_kernels_equal_torch_path(arch, micro_models):
     blk = fast.blocks[0]
     assert isinstance(blk.ffn.ffn_down.weight, QuantWeight) and isinstance(blk.attn.attn_qkv.parts[0], QuantWeight)
     assert fast.weight_bytes == fast.planned_bytes < ref.weight_bytes / 3
+    tokens = torch.tensor([0, 5, ref.cfg.n_vocab - 1, 5])
+    assert fast.embed_kernel and not ref.embed_kernel  # one dequantize kernel against torch's ops
+    assert torch.equal(fast.embed(tokens), ref.embed(tokens))
     g = torch.Generator().manual_seed(3)
     # 12 prompt tokens and 2 decoded: past gemma3's sliding window of 8.
     prompt = torch.randint(0, ref.cfg.n_vocab, (12,), generator=g).tolist()

@@ -15,6 +15,7 @@ from .comm import Comm
 from .config import ModelConfig
 from .errors import TpError
 from .gguf_file import GGUFFile
+from .kernels import QUANT_KERNEL_TYPES
 from .kv_cache import KVCache
 from .layers import DecoderBlock, Positions, Rope, add_norm, settle
 from .loader import load_quantized, load_raw_rows, load_tensor
@@ -64,6 +65,7 @@ class Transformer:
             self.token_embd = load_raw_rows(gf, embd.name, self.device)
             self.weight_bytes += self.token_embd.numel()
             self.token_embd_type = embd.ggml_type
+            self.embed_kernel = kernels and embd.ggml_type in QUANT_KERNEL_TYPES
         if shard.last_stage:
             self.output_norm = glob["output_norm"]
             self.output = glob["output"]
@@ -105,8 +107,12 @@ class Transformer:
         return line
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = self.token_embd[tokens].reshape(-1)
-        h = dequantize(rows, self.token_embd_type, (tokens.shape[0], self.cfg.n_embd))
+        rows = self.token_embd[tokens]
+        if self.embed_kernel:  # one launch; the torch reference is ~25 small kernels in every decode step
+            from .kernels import dequantize_rows
+            h = dequantize_rows(rows, self.token_embd_type, tokens.shape[0], self.cfg.n_embd, dtype=torch.float32)
+        else:
+            h = dequantize(rows.reshape(-1), self.token_embd_type, (tokens.shape[0], self.cfg.n_embd))
         return h * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else h
 
     @torch.inference_mode()
