@@ -28,6 +28,7 @@ projection), summing its partial rows with atomics.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -35,6 +36,7 @@ import triton.language as tl
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
+from tpruntime.errors import TpError
 from tpruntime.kernels.common import (interpreting, k4_header, launch_kw, masked_load, row_offsets, use_pdl,
                                       wait_inputs)
 from tpruntime.qweight import Int8Request, QuantizedX
@@ -104,10 +106,12 @@ def _load_x(xw, xd_ptr, xs_ptr, k0, kb1, bi, gi, ci, wi, MASK: tl.constexpr):
     kb = k0 + bi
     m = kb < kb1
     xo = kb * 64 + 16 * gi + 4 * ci + wi
-    so = kb * 8 + 2 * gi
+    BB: tl.constexpr = bi.shape[0]
+    so = tl.broadcast_to(kb * 8 + 2 * gi, [BB, 4, 2, 1])  # (one load per thread: see _load_w)
     xo16 = kb * 16 + 4 * gi + ci
+    hm = tl.broadcast_to(m, [BB, 4, 2, 1])
     return (masked_load(xw + xo, m, MASK), masked_load(xw + (xo + 8), m, MASK),
-            masked_load(xd_ptr + so, m, MASK), masked_load(xd_ptr + (so + 1), m, MASK),
+            masked_load(xd_ptr + so, hm, MASK), masked_load(xd_ptr + (so + 1), hm, MASK),
             masked_load(xs_ptr + xo16, m, MASK), masked_load(xs_ptr + (xo16 + 2), m, MASK))
 
 
@@ -117,13 +121,20 @@ def _load_w(w_ptr, rows, k0, kb1, bi, gi, ci, wi, BN: tl.constexpr, MASK: tl.con
     16 quant bytes."""
     kb = k0 + bi
     m = kb < kb1
+    # The header words are loaded at the shape of the accumulators ([BB, 4, 2, 1], an element
+    # per thread), not as [BB, 1, 1, 1] broadcast later: Triton 3.6 (the GPU machines') lays
+    # the broadcast load out as 140 scalar loads where this takes 40, and 4-block steps need 96
+    # registers instead of 127 (3.9: 80 instead of 95), so 21 one-warp programs fit an SM, not
+    # 16. H100 decode steps: qwen3-32b 7.99 -> 7.64 ms, qwen3-8b 2.29 -> 2.22 (docs/benchmarks.md).
+    BB: tl.constexpr = bi.shape[0]
+    hm = tl.broadcast_to(m, [BB, 4, 2, 1])
     out = ()
     for r in tl.static_range(BN):
-        blk = rows[r] + kb * 144
+        blk = tl.broadcast_to(rows[r] + kb * 144, [BB, 4, 2, 1])
         hp = (w_ptr + blk).to(tl.pointer_type(tl.int32))
         qp = (w_ptr + blk + 16 + 32 * gi + 16 * ci).to(tl.pointer_type(tl.int32)) + wi
-        out = out + (masked_load(hp, m, MASK), masked_load(hp + 1, m, MASK), masked_load(hp + 2, m, MASK),
-                     masked_load(hp + 3, m, MASK), masked_load(qp, m, MASK))
+        out = out + (masked_load(hp, hm, MASK), masked_load(hp + 1, hm, MASK), masked_load(hp + 2, hm, MASK),
+                     masked_load(hp + 3, hm, MASK), masked_load(qp, m, MASK))
     return out
 
 
@@ -182,18 +193,46 @@ def _q4k_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, y_ptr, N, NB, row_bytes,
                 tl.store(y_ptr + n, out)
 
 
+def parse_overrides(text: str) -> dict[str, dict[str, int]]:
+    """TPRUNTIME_Q8_CONFIG, for A/B timing of whole decode steps: "NxK:KEY=V[,KEY=V][;...]"
+    overrides default_config for the matrices of n_out N and k_in K ("*" for all), e.g.
+    "10240x5120:MAXNREG=96;5120x25600:SPLIT_K=2". "" or "none": no overrides."""
+    out: dict[str, dict[str, int]] = {}
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        if item == "none":
+            continue
+        shape, sep, kvs = item.partition(":")
+        try:
+            if not sep or (shape != "*" and len(shape.split("x")) != 2):
+                raise ValueError
+            out[shape] = {k.strip(): int(v) for k, v in (kv.split("=") for kv in kvs.split(","))}
+        except ValueError:
+            raise TpError(f"TPRUNTIME_Q8_CONFIG: {item!r} is not NxK:KEY=V[,KEY=V] (or *:KEY=V)") from None
+    return out
+
+
+CONFIG_OVERRIDES = parse_overrides(os.environ.get("TPRUNTIME_Q8_CONFIG", ""))
+
+
 def default_config(qtype: Q, n_out: int, k_in: int) -> dict:
     """BN rows per program, warps (BB = 4 * REP blocks per warp), and a split of K that gives a
     matrix with few rows more programs. From an H200 sweep over the qwen3-8b / qwen3-32b decode
-    shapes (scripts/bench_kernels.py --q8 --sweep): within 1-10% of the best per shape."""
+    shapes (scripts/bench_kernels.py --q8 --sweep): within 1-10% of the best per shape.
+    MAXNREG caps the registers (0: the compiler's choice). A sweep's back-to-back launches hide
+    a launch's tail behind the next one, which a decode step's small kernels in between do not:
+    split-K for qwen3-32b's o and down projections ran 11-13% faster there and 3-6% slower in
+    decode steps (H100; within +-0.4% once 4-block steps fit 21 programs per SM), so a change is
+    kept only when whole steps (TPRUNTIME_Q8_CONFIG, scripts/device_bench.sh envab) agree."""
     nb = k_in // GGML_QUANT_SIZES[qtype][0]
-    cfg = dict(BN=4, num_warps=1, SPLIT_K=1, REP=2)
+    cfg = dict(BN=4, num_warps=1, SPLIT_K=1, REP=2, MAXNREG=0)
     if n_out <= 4096 and nb >= 16:
         cfg.update(SPLIT_K=2, REP=1)
     elif nb % 8 and nb < 64:
         # short rows that 8-block steps would end in a half-masked one (k_in 5120: 20 blocks):
         # 4-block steps, none masked (H200: qwen3-32b gate/up 48.7 -> 46.5 us, q/k/v 14.1 -> 13.7)
         cfg.update(REP=1)
+    cfg.update(CONFIG_OVERRIDES.get("*", {}))
+    cfg.update(CONFIG_OVERRIDES.get(f"{n_out}x{k_in}", {}))
     return cfg
 
 
@@ -213,6 +252,8 @@ def _plan(qtype: Q, n_out: int, k_in: int, asm: bool, config: tuple) -> tuple:
     split = max(1, min(cfg["SPLIT_K"], nb))
     kw = dict(BN=cfg["BN"], BB=bb, SPLIT_K=split, MASK=split > 1 or nb % bb != 0,
               I64=n_out * nb * ts >= 2**31, ASM=asm, num_warps=cfg["num_warps"], num_stages=1)
+    if cfg["MAXNREG"] and asm:  # (a compile option: the interpreter has none)
+        kw["maxnreg"] = cfg["MAXNREG"]
     return (triton.cdiv(n_out, cfg["BN"]), split), nb, nb * ts, kw
 
 

@@ -110,6 +110,22 @@ def test_rejects_bad_input():
     assert F16_FIELDS[Q.Q4_K] == (0, 2)  # the fields with_field() zeroes
 
 
+def test_config_overrides(monkeypatch):
+    """TPRUNTIME_Q8_CONFIG (decode A/B timing): per shape, "*" for all, the shape's own entry last."""
+    from tpruntime.errors import TpError
+    from tpruntime.kernels import gemv_q8
+
+    assert gemv_q8.parse_overrides("") == gemv_q8.parse_overrides(" none ") == {}
+    ov = gemv_q8.parse_overrides("*:BN=2;10240x5120:MAXNREG=96,BN=8")
+    assert ov == {"*": {"BN": 2}, "10240x5120": {"MAXNREG": 96, "BN": 8}}
+    monkeypatch.setattr(gemv_q8, "CONFIG_OVERRIDES", ov)
+    assert gemv_q8.default_config(Q.Q4_K, 10240, 5120) == dict(BN=8, num_warps=1, SPLIT_K=1, REP=1, MAXNREG=96)
+    assert gemv_q8.default_config(Q.Q4_K, 4096, 4096) == dict(BN=2, num_warps=1, SPLIT_K=2, REP=1, MAXNREG=0)
+    for bad in ("BN=2", "10240:BN=2", "1x2:BN", "1x2:BN=two"):
+        with pytest.raises(TpError, match="TPRUNTIME_Q8_CONFIG"):
+            gemv_q8.parse_overrides(bad)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("n_out,k_in", [(10240, 5120), (51200, 5120), (5120, 25600), (5120, 8192), (4096, 12288)])
