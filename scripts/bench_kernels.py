@@ -214,6 +214,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--dequant", action="store_true", help="time dequantize_rows instead of qgemv")
     ap.add_argument("--q8", action="store_true", help="time qgemv_q8 (x rounded to int8) instead of qgemv")
+    ap.add_argument("--x-int8", action="store_true",
+                    help="--q8: time the GEMV kernel alone, on x already in its int8 form (as in a decode step, "
+                    "where the producing kernel writes it; a split-K output is not re-zeroed, so only the time means anything)")
     ap.add_argument("--odtype", nargs="+", default=["bf16"], choices=["bf16", "f32", "f16"],
                     help="--dequant output dtypes")
     ap.add_argument("--peak", type=float, default=None,
@@ -299,6 +302,10 @@ def main() -> None:
             n_buf = max(2, min(32, math.ceil(L2_ROTATE / wb)))
             ws = timed_weights(qtype, n, k, n_buf, dev)
             x = torch.randn(t, k, device=dev).to(dtype_of(xd))
+            if args.q8 and args.x_int8:
+                from tpruntime.kernels.gemv_q8 import quantize_x
+                from tpruntime.qweight import QuantizedX
+                x = QuantizedX(x, *quantize_x(x.reshape(-1)), torch.zeros(n, dtype=torch.float32, device=dev))
             sec = bench_time(lambda i: qgemv(x, ws[i], qtype, n, k, config=cfg), n_buf)
             if label == "default" and t == 1:
                 row["do_bench_us"] = 1e3 * triton.testing.do_bench(

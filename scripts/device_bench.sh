@@ -3,7 +3,7 @@
 # sweep-bench table on synthetic qwen3-8b / qwen3-32b files (Q4_K weights, Q6_K output, gpt-2
 # vocabulary), the kernel path against the dequantized-bf16 torch path, and a decode profile.
 #   STAGES="tests bench8 base8 bench32 long32 profile" bash scripts/device_bench.sh
-# (also: pdlab, envab, pprof, dqbench, q8bench, kbench; allreduce on a multi-GPU kind)
+# (also: pdlab, envab, pprof, dqbench, q8bench, kbench, ncu; allreduce on a multi-GPU kind)
 # (carry .whl and .dev/ggml-vocab-gpt-2.gguf). Logs under $OUT; the last lines are a summary.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -92,6 +92,16 @@ for st in $STAGES; do case $st in
           --nproc-per-node "${AR_NP:-2}" tests/allreduce_worker.py "$m" "$rt" > "$OUT/arw/$m-$rt.txt" 2>&1
       echo "worker $m $rt rc=$?: $(grep -E '^(ok|rank|start)' "$OUT/arw/$m-$rt.txt" | tr '\n' ';')" | tee -a "$SUM"
     done; done ;;
+  ncu)  # Nsight Compute sections for the first NCU_COUNT kernels of one eager decode step (per DSHAPES)
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    for sh in ${DSHAPES:-qwen3-8b}; do
+      timeout 400 "$NCU" --profile-from-start off --clock-control none --launch-count "${NCU_COUNT:-24}" \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+          --section WarpStateStats --section SchedulerStats ${NCU_ARGS:-} \
+          python3 scripts/profile_decode.py "$(model $sh)" --depth 512 --ncu > "$OUT/ncu-$sh.txt" 2>&1
+      echo "ncu $sh: rc $?" | tee -a "$SUM"
+      grep -E "^  [a-z_0-9]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
+          "$OUT/ncu-$sh.txt" | head -200 >> "$SUM"; done ;;
   kbench)
     timeout 200 python3 scripts/bench_attention.py > "$OUT/bench_attention.txt" 2>&1
     tail -20 "$OUT/bench_attention.txt" | tee -a "$SUM" ;;

@@ -4,6 +4,8 @@ prefill chunks of UB tokens (at depth 0 and at --depth) instead.
 
     python scripts/profile_decode.py MODEL.gguf [--dtype bf16] [--depth 512] [--steps 20] [--no-profile]
     python scripts/profile_decode.py MODEL.gguf --prefill 2048 --depth 2048
+    ncu --profile-from-start off ... python scripts/profile_decode.py MODEL.gguf --ncu
+        (one eager decode step inside a profiler range, for Nsight Compute's per-kernel sections)
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--no-profile", action="store_true", help="only the wall times")
     ap.add_argument("--prefill", type=int, default=0, metavar="UB", help="profile prefill chunks of UB tokens")
+    ap.add_argument("--ncu", action="store_true",
+                    help="after warm-up, one eager decode step between cudaProfilerStart/Stop (run under ncu)")
     a = ap.parse_args()
     if a.prefill:
         return profile_prefill(a)
@@ -33,6 +37,15 @@ def main() -> None:
     prompt = torch.randint(0, lm.cfg.n_vocab, (a.depth,)).tolist()
     prefill(lm, prompt, 2048)
     tok = torch.tensor([1])
+    if a.ncu:
+        for i in range(3):
+            lm.forward(tok, a.depth + i)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        lm.forward(tok, a.depth + 3)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        return
     for mode in ("graphs", "eager"):
         lm.use_cuda_graphs(mode == "graphs")
         for i in range(3):
