@@ -269,3 +269,29 @@ def test_quant_weight_reads_a_producers_int8_form(split):
     if split > 1:
         assert got.data_ptr() == qx.y.data_ptr()
     assert torch.equal(w(qx), qgemv_q8(x, w.raw, Q.Q4_K, 8, 1024))
+
+
+@pytest.mark.parametrize("bn", [4, 2])
+def test_compiled_kernel_loads_each_word_once(bn):
+    """The GEMV compiled for sm_90a (offline, no GPU): a thread loads each weight header word,
+    x scale and x sum of a K step once. Per step copy (the loop body and the software-pipelined
+    first step) that is 4 header words + a 16-byte quant vector per row and 2 x vectors + 4
+    scalars of x. Header words loaded at a broadcast-later tile shape cost more loads and
+    registers: 127 instead of 96 per thread under the GPU machines' Triton 3.6, decode ~4%
+    slower (docs/benchmarks.md, eighth session); Triton 3.9 shows it as 68 loads instead of 52."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, str(root / "tests" / "ptx_loads.py"), str(bn), "4"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "ptxas" in r.stderr:
+        pytest.skip(f"Triton cannot assemble for sm_90 here: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    loads = json.loads(r.stdout.strip().splitlines()[-1])
+    assert loads["vector_loads"] == 2 * (bn + 2), loads
+    assert loads["global_loads"] <= 2 * (5 * bn + 6), loads
