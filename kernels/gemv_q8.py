@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 import triton
@@ -100,18 +101,28 @@ def _dp4a(a, b, ASM: tl.constexpr):
 
 
 @triton.jit
+def _per_thread(t, bi):
+    """t (offsets or a mask of one value per block, or per block and group) at the accumulators'
+    shape [BB, 4, 2, 1], an element per thread, for the loads of the block headers and x scales.
+    Loaded at their own shape and broadcast afterwards, Triton 3.6 (the GPU machines') laid them
+    out as 140 scalar loads where this takes 40, and 4-block steps needed 127 registers instead
+    of 96 (3.9: 95 instead of 80): 16 one-warp programs per SM instead of 21. H100 decode steps:
+    qwen3-32b 7.99 -> 7.64 ms, qwen3-8b 2.29 -> 2.22 (docs/benchmarks.md, eighth session)."""
+    return tl.broadcast_to(t, [bi.shape[0], 4, 2, 1])
+
+
+@triton.jit
 def _load_x(xw, xd_ptr, xs_ptr, k0, kb1, bi, gi, ci, wi, MASK: tl.constexpr):
     """What one K step reads of x: the int8 words of the low / high sub-block, the per-32
     scales and the per-16 sums."""
     kb = k0 + bi
     m = kb < kb1
     xo = kb * 64 + 16 * gi + 4 * ci + wi
-    BB: tl.constexpr = bi.shape[0]
-    so = tl.broadcast_to(kb * 8 + 2 * gi, [BB, 4, 2, 1])  # (one load per thread: see _load_w)
+    so = _per_thread(kb * 8 + 2 * gi, bi)
     xo16 = kb * 16 + 4 * gi + ci
-    hm = tl.broadcast_to(m, [BB, 4, 2, 1])
+    sm = _per_thread(m, bi)
     return (masked_load(xw + xo, m, MASK), masked_load(xw + (xo + 8), m, MASK),
-            masked_load(xd_ptr + so, hm, MASK), masked_load(xd_ptr + (so + 1), hm, MASK),
+            masked_load(xd_ptr + so, sm, MASK), masked_load(xd_ptr + (so + 1), sm, MASK),
             masked_load(xs_ptr + xo16, m, MASK), masked_load(xs_ptr + (xo16 + 2), m, MASK))
 
 
@@ -121,16 +132,10 @@ def _load_w(w_ptr, rows, k0, kb1, bi, gi, ci, wi, BN: tl.constexpr, MASK: tl.con
     16 quant bytes."""
     kb = k0 + bi
     m = kb < kb1
-    # The header words are loaded at the shape of the accumulators ([BB, 4, 2, 1], an element
-    # per thread), not as [BB, 1, 1, 1] broadcast later: Triton 3.6 (the GPU machines') lays
-    # the broadcast load out as 140 scalar loads where this takes 40, and 4-block steps need 96
-    # registers instead of 127 (3.9: 80 instead of 95), so 21 one-warp programs fit an SM, not
-    # 16. H100 decode steps: qwen3-32b 7.99 -> 7.64 ms, qwen3-8b 2.29 -> 2.22 (docs/benchmarks.md).
-    BB: tl.constexpr = bi.shape[0]
-    hm = tl.broadcast_to(m, [BB, 4, 2, 1])
+    hm = _per_thread(m, bi)
     out = ()
     for r in tl.static_range(BN):
-        blk = tl.broadcast_to(rows[r] + kb * 144, [BB, 4, 2, 1])
+        blk = _per_thread(rows[r] + kb * 144, bi)
         hp = (w_ptr + blk).to(tl.pointer_type(tl.int32))
         qp = (w_ptr + blk + 16 + 32 * gi + 16 * ci).to(tl.pointer_type(tl.int32)) + wi
         out = out + (masked_load(hp, hm, MASK), masked_load(hp + 1, hm, MASK), masked_load(hp + 2, hm, MASK),
@@ -193,6 +198,11 @@ def _q4k_kernel(xq_ptr, xd_ptr, xs_ptr, w_ptr, y_ptr, N, NB, row_bytes,
                 tl.store(y_ptr + n, out)
 
 
+# default_config's starting point: BN rows per program, warps, split of K, REP blocks per warp
+# and step (BB = 4 * num_warps * REP), MAXNREG a register cap (0: the compiler's choice).
+_DEFAULT = dict(BN=4, num_warps=1, SPLIT_K=1, REP=2, MAXNREG=0)
+
+
 def parse_overrides(text: str) -> dict[str, dict[str, int]]:
     """TPRUNTIME_Q8_CONFIG, for A/B timing of whole decode steps: "NxK:KEY=V[,KEY=V][;...]"
     overrides default_config for the matrices of n_out N and k_in K ("*" for all), e.g.
@@ -203,11 +213,14 @@ def parse_overrides(text: str) -> dict[str, dict[str, int]]:
             continue
         shape, sep, kvs = item.partition(":")
         try:
-            if not sep or (shape != "*" and len(shape.split("x")) != 2):
+            if not sep or (shape != "*" and not re.fullmatch(r"\d+x\d+", shape)):
                 raise ValueError
             out[shape] = {k.strip(): int(v) for k, v in (kv.split("=") for kv in kvs.split(","))}
         except ValueError:
             raise TpError(f"TPRUNTIME_Q8_CONFIG: {item!r} is not NxK:KEY=V[,KEY=V] (or *:KEY=V)") from None
+        unknown = sorted(set(out[shape]) - set(_DEFAULT))
+        if unknown:
+            raise TpError(f"TPRUNTIME_Q8_CONFIG: unknown keys {unknown} in {item!r} (known: {', '.join(_DEFAULT)})")
     return out
 
 
@@ -217,14 +230,13 @@ CONFIG_OVERRIDES = parse_overrides(os.environ.get("TPRUNTIME_Q8_CONFIG", ""))
 def default_config(qtype: Q, n_out: int, k_in: int) -> dict:
     """BN rows per program, warps (BB = 4 * REP blocks per warp), and a split of K that gives a
     matrix with few rows more programs. From an H200 sweep over the qwen3-8b / qwen3-32b decode
-    shapes (scripts/bench_kernels.py --q8 --sweep): within 1-10% of the best per shape.
-    MAXNREG caps the registers (0: the compiler's choice). A sweep's back-to-back launches hide
+    shapes (scripts/bench_kernels.py --q8 --sweep): within 1-10% of the best per shape. A sweep's back-to-back launches hide
     a launch's tail behind the next one, which a decode step's small kernels in between do not:
     split-K for qwen3-32b's o and down projections ran 11-13% faster there and 3-6% slower in
     decode steps (H100; within +-0.4% once 4-block steps fit 21 programs per SM), so a change is
     kept only when whole steps (TPRUNTIME_Q8_CONFIG, scripts/device_bench.sh envab) agree."""
     nb = k_in // GGML_QUANT_SIZES[qtype][0]
-    cfg = dict(BN=4, num_warps=1, SPLIT_K=1, REP=2, MAXNREG=0)
+    cfg = dict(_DEFAULT)
     if n_out <= 4096 and nb >= 16:
         cfg.update(SPLIT_K=2, REP=1)
     elif nb % 8 and nb < 64:
