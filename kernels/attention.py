@@ -11,6 +11,10 @@ cache shape, so one captured CUDA graph serves every position. Two kernels:
   (unnormalized acc, running max, sum) to scratch. Programs whose range is empty return at once.
 - `_merge_kernel`, grid (n_head,): log-sum-exp merge of the partials that hold keys.
 
+`decode_attention_qkv` also takes the step before, q/k norm + rope + KV store, into the split
+kernel (each program forms its own group's queries; the one holding the newest key stores it
+first): one launch fewer per layer, where a launch of that size costs ~2 µs of a decode step.
+
 Key ranges are sized from n_keys on the device: the valid span (the window's, if any) is cut into
 n_splits equal ranges of whole tiles, each at least `chunk` keys. A chunk fixed by n_ctx alone
 would trade short contexts (512 keys of a 32k cache in 2 programs per KV head) against long ones;
@@ -34,16 +38,21 @@ comparison in scripts/bench_attention.py.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from tpruntime.kernels.common import interpreting, launch_kw, sm_count, use_pdl, wait_inputs
+from tpruntime.kernels.fused import cast_to, rope_pairs, rope_rotate
 from tpruntime.kernels.gemv_q8 import new_quantized, producer_args, quantize_store, zero_share
 from tpruntime.qweight import Int8Request, QuantizedX
 
 LOG2E = 1.4426950408889634
+# Whether the model's decode steps take decode_attention_qkv (TPRUNTIME_ATTN_QKV=0: the separate
+# qk_norm_rope_store launch, for A/B timing).
+FUSE_QKV = os.environ.get("TPRUNTIME_ATTN_QKV", "1") != "0"
 PROGRAMS_PER_SM = 4  # default split count: programs per SM over all KV heads of a full cache
 NUM_STAGES = 3  # cp.async pipeline depth of the tl.dot path (2 tiles of K and V in flight)
 NUM_WARPS = 4
@@ -71,13 +80,66 @@ def _dot(a, b, IEEE: tl.constexpr, WIDEN: tl.constexpr):
 
 
 @triton.jit
+def _qkv_prologue(qkv_ptr, bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, kvh, n_kv, pos, writer,
+                  stride_cos, stride_kh, stride_kn, stride_vh, stride_vn, eps, heads, row_ok, dk, dv,
+                  G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_NORM: tl.constexpr, RNE: tl.constexpr):
+    """What qk_norm_rope_store (kernels/fused.py) does for one KV group, inside the attention
+    launch: the group's G query heads from the fused q|k|v projection (+bias, q norm, rope),
+    returned in the cache dtype as the separate kernel would have stored them; and, in the
+    `writer` program (the one whose keys end at the new one), the new key (k norm, rope) and
+    value stored into the caches at `pos` before any key is read. The other programs never read
+    position `pos`, so only the writer waits for its own stores (a CTA barrier)."""
+    part, ang, first, rotated = rope_pairs(dk, ROPE, NEOX)
+    d_ok = dk < D
+    cs = tl.load(cos_ptr + pos * stride_cos + ang, mask=rotated, other=0.0)
+    sn = tl.load(sin_ptr + pos * stride_cos + ang, mask=rotated, other=0.0)
+    cols = heads[:, None] * D
+    x = tl.load(qkv_ptr + cols + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    xp = tl.load(qkv_ptr + cols + part[None, :], mask=row_ok[:, None] & rotated[None, :], other=0.0)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + cols + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        xp += tl.load(bias_ptr + cols + part[None, :], mask=row_ok[:, None] & rotated[None, :], other=0.0)
+    if HAS_NORM:
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        x = x * r * tl.load(qn_ptr + dk, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        xp = xp * r * tl.load(qn_ptr + part, mask=rotated, other=0.0).to(tl.float32)[None, :]
+    q = cast_to(rope_rotate(x, xp, cs[None, :], sn[None, :], first[None, :], rotated[None, :]),
+              k_ptr.dtype.element_ty, RNE)
+    if writer:
+        kc = n_kv * G * D + kvh * D
+        vc = n_kv * G * D + n_kv * D + kvh * DV
+        x = tl.load(qkv_ptr + kc + dk, mask=d_ok, other=0.0)
+        xp = tl.load(qkv_ptr + kc + part, mask=rotated, other=0.0)
+        v = tl.load(qkv_ptr + vc + dv, mask=dv < DV, other=0.0)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + kc + dk, mask=d_ok, other=0.0)
+            xp += tl.load(bias_ptr + kc + part, mask=rotated, other=0.0)
+            v += tl.load(bias_ptr + vc + dv, mask=dv < DV, other=0.0)
+        if HAS_NORM:
+            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+            x = x * r * tl.load(kn_ptr + dk, mask=d_ok, other=0.0).to(tl.float32)
+            xp = xp * r * tl.load(kn_ptr + part, mask=rotated, other=0.0).to(tl.float32)
+        x = rope_rotate(x, xp, cs, sn, first, rotated)
+        kvh64 = kvh.to(tl.int64)
+        tl.store(k_ptr + kvh64 * stride_kh + pos * stride_kn + dk, cast_to(x, k_ptr.dtype.element_ty, RNE), mask=d_ok)
+        tl.store(v_ptr + kvh64 * stride_vh + pos * stride_vn + dv, cast_to(v, v_ptr.dtype.element_ty, RNE),
+                 mask=dv < DV)
+        tl.debug_barrier()  # (a CTA's global stores are visible to its threads after a barrier)
+    return q
+
+
+@triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, n_keys_ptr, part_ptr,
                   qk_scale, n_ctx, window, n_splits, min_chunk,
                   stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
+                  bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, stride_cos, eps,
                   G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PART: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_N: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
-                  PDL: tl.constexpr):
+                  PDL: tl.constexpr, QKV: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, RNE: tl.constexpr):
     wait_inputs(PDL)
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -92,10 +154,16 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, n_keys_ptr, part_ptr,
     dv = tl.arange(0, BLOCK_DV)
     heads = kvh * G + rows
     row_ok = rows < G
-    q_mask = row_ok[:, None]
-    if BLOCK_D != D:
-        q_mask = q_mask & (dk < D)[None, :]
-    q = tl.load(q_ptr + heads[:, None] * stride_qh + dk[None, :], mask=q_mask, other=0.0)
+    if QKV:  # q_ptr is the q|k|v projection (decode_attention_qkv)
+        q = _qkv_prologue(q_ptr, bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, kvh,
+                          tl.num_programs(0), (hi - 1).to(tl.int64), end == hi, stride_cos, stride_kh, stride_kn,
+                          stride_vh, stride_vn, eps, heads, row_ok, dk, dv, G, D, DV, BLOCK_D, BLOCK_DV, ROPE,
+                          NEOX, HAS_BIAS, HAS_NORM, RNE)
+    else:
+        q_mask = row_ok[:, None]
+        if BLOCK_D != D:
+            q_mask = q_mask & (dk < D)[None, :]
+        q = tl.load(q_ptr + heads[:, None] * stride_qh + dk[None, :], mask=q_mask, other=0.0)
     if DOT:
         q = q.to(k_ptr.dtype.element_ty)
     else:
@@ -244,17 +312,51 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     where head_dim_v is a power of two and a multiple of 32, the merge kernel also writes the
     output's int8 form, returned as a QuantizedX whose x is the output as [1, n_head * head_dim_v]."""
     n_head, head_dim = q.shape
+    if q.stride(1) != 1:
+        q = q.contiguous()
+    return _attend(q, n_head, head_dim, k_cache, v_cache, n_keys, scale, window, chunk, dot, q8, None)
+
+
+def decode_attention_qkv(qkv: torch.Tensor, n_head: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         n_keys: torch.Tensor, scale: float, window: int = 0, *, q_norm: torch.Tensor | None = None,
+                         k_norm: torch.Tensor | None = None, eps: float = 1e-6, cos: torch.Tensor,
+                         sin: torch.Tensor, rope_dim: int, neox: bool, bias: torch.Tensor | None = None,
+                         chunk: int | None = None, dot: bool | None = None,
+                         q8: Int8Request | None = None) -> "torch.Tensor | QuantizedX":
+    """kernels.fused.qk_norm_rope_store (position n_keys-1, q in the cache dtype) followed by
+    decode_attention, with the first inside the attention launch: one launch fewer per layer
+    and token. qkv: f32 [1, n_head*head_dim + n_kv*(head_dim + head_dim_v)] (the fused
+    projection of the one new token), the other arguments as those two functions take them.
+    Each attention program norms and rotates its own group's query heads (a few KB read again
+    per program); the program that holds the newest key writes it and its value to the caches
+    first."""
+    n_kv, _, head_dim = k_cache.shape
+    head_dim_v = v_cache.shape[2]
+    width = n_head * head_dim + n_kv * (head_dim + head_dim_v)
+    if qkv.dim() != 2 or qkv.shape[0] != 1 or qkv.shape[1] != width:
+        raise ValueError(f"decode_attention_qkv: qkv {tuple(qkv.shape)} is not [1, {width}]")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("decode_attention_qkv: q_norm and k_norm come together")
+    if rope_dim % 2 or rope_dim > head_dim or cos.shape[-1] != rope_dim // 2 or cos.shape != sin.shape:
+        raise ValueError(f"decode_attention_qkv: rope_dim {rope_dim}, tables {tuple(cos.shape)} / "
+                         f"{tuple(sin.shape)} (rope_dim even, <= head_dim {head_dim}, rope_dim / 2 angles)")
+    if qkv.dtype != torch.float32 or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != width)):
+        raise ValueError("decode_attention_qkv: qkv and bias must be float32 over the fused columns")
+    pro = dict(qkv=qkv.contiguous(), bias=bias, q_norm=q_norm, k_norm=k_norm, cos=cos.contiguous(),
+               sin=sin.contiguous(), rope_dim=rope_dim, neox=bool(neox), eps=float(eps))
+    return _attend(pro["qkv"], n_head, head_dim, k_cache, v_cache, n_keys, scale, window, chunk, dot, q8, pro)
+
+
+def _attend(q, n_head, head_dim, k_cache, v_cache, n_keys, scale, window, chunk, dot, q8, pro: dict | None):
     n_kv, n_ctx, d_k = k_cache.shape
     head_dim_v = v_cache.shape[2]
     if d_k != head_dim or v_cache.shape[:2] != k_cache.shape[:2] or n_kv == 0 or n_head % n_kv:
-        raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
+        raise ValueError(f"decode_attention: {n_head} query heads of {head_dim}, k {tuple(k_cache.shape)}, "
                          f"v {tuple(v_cache.shape)} do not fit (whole GQA groups, one head_dim)")
     if k_cache.stride(2) != 1 or v_cache.stride(2) != 1 or k_cache.dtype != v_cache.dtype:
         raise ValueError("decode_attention: K and V caches need one dtype and a contiguous last dim")
     if n_keys.numel() != 1 or n_keys.dtype not in (torch.int32, torch.int64):
         raise ValueError("decode_attention: n_keys must be an int32/int64 tensor of one element")
-    if q.stride(1) != 1:
-        q = q.contiguous()
     p = plan(n_head, n_kv, n_ctx, head_dim, head_dim_v, k_cache.dtype, q.device, chunk, dot, PROGRAMS_PER_SM)
     ns, part = p["n_splits"], p["part"]
     window = max(0, int(window))
@@ -265,14 +367,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         qx = new_quantized(out.view(1, -1), q8)
     q8_args, q8_kw = producer_args(qx, n_head, out)
     pdl = use_pdl(q)
+    if pro is None:
+        pro_args = (q,) * 5 + (0, 0.0)
+        pro_kw = dict(QKV=False, ROPE=0, NEOX=False, HAS_BIAS=False, HAS_NORM=False)
+    else:
+        pro_args = (pro["bias"] if pro["bias"] is not None else q, pro["q_norm"] if pro["q_norm"] is not None else q,
+                    pro["k_norm"] if pro["k_norm"] is not None else q, pro["cos"], pro["sin"],
+                    pro["cos"].stride(0), pro["eps"])
+        pro_kw = dict(QKV=True, ROPE=pro["rope_dim"], NEOX=pro["neox"], HAS_BIAS=pro["bias"] is not None,
+                      HAS_NORM=pro["q_norm"] is not None)
     _split_kernel[(n_kv, ns)](
         q, k_cache, v_cache, n_keys, scratch, float(scale) * LOG2E, n_ctx, window, ns, p["min_chunk"],
-        q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), *pro_args,
         G=p["group"], D=head_dim, DV=head_dim_v, PART=part, BLOCK_H=p["block_h"], BLOCK_D=p["block_d"],
         BLOCK_DV=p["block_dv"], BLOCK_N=p["block_n"], DOT=p["dot"],
         # (Triton's interpreter multiplies bf16 tl.dot operands as their integer bit patterns)
-        IEEE=p["dot"] and k_cache.dtype == torch.float32, WIDEN=interpreting(), PDL=pdl, **launch_kw(pdl),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES if p["dot"] else 1)
+        IEEE=p["dot"] and k_cache.dtype == torch.float32, WIDEN=interpreting(), PDL=pdl, RNE=interpreting(),
+        **pro_kw, **launch_kw(pdl), num_warps=NUM_WARPS, num_stages=NUM_STAGES if p["dot"] else 1)
     _merge_kernel[(n_head,)](
         n_keys, scratch, out, n_ctx, window, ns, p["min_chunk"], out.stride(0),
         *q8_args, DV=head_dim_v, PART=part, BLOCK_DV=p["block_dv"], BLOCK_S=32 if p["block_dv"] <= 128 else 16,
@@ -291,4 +402,4 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return torch.einsum("hn,hnd->hd", torch.softmax(s, dim=-1), v).float()
 
 
-__all__ = ["decode_attention", "decode_attention_reference", "plan"]
+__all__ = ["decode_attention", "decode_attention_qkv", "decode_attention_reference", "plan"]

@@ -34,7 +34,7 @@ _ACTS = {"silu": 0, "gelu_tanh": 1}
 
 
 @triton.jit
-def _cast(x, dtype: tl.constexpr, RNE: tl.constexpr):
+def cast_to(x, dtype: tl.constexpr, RNE: tl.constexpr):
     y = x.to(dtype)
     if RNE:
         if dtype == tl.bfloat16:
@@ -118,7 +118,7 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x,
             if HAS_DELTA:
                 tl.store(xr + o, x, mask=m)
             w = tl.load(w_ptr + o, mask=m, other=0.0).to(tl.float32)
-            tl.store(orow + o, _cast(x * r * w, out_ptr.dtype.element_ty, RNE), mask=m)
+            tl.store(orow + o, cast_to(x * r * w, out_ptr.dtype.element_ty, RNE), mask=m)
 
 
 @triton.jit
@@ -134,7 +134,7 @@ def add_norm_row(x, d, w, pw, xr, orow, offs, m, n, eps, xq_ptr, xd_ptr, xs_ptr,
             d = d * _rstd(d, n, eps) * pw
         x = x + d
         tl.store(xr + offs, x, mask=m)
-    o = _cast(x * _rstd(x, n, eps) * w, orow.dtype.element_ty, RNE)
+    o = cast_to(x * _rstd(x, n, eps) * w, orow.dtype.element_ty, RNE)
     tl.store(orow + offs, o, mask=m)
     if Q8:
         g = tl.arange(0, BLOCK // 32)[:, None]
@@ -237,6 +237,30 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 # --- q/k norm, rope, KV-cache store ----------------------------------------------------------
 
 @triton.jit
+def rope_pairs(offs, ROPE: tl.constexpr, NEOX: tl.constexpr):
+    """For features offs of a head: the partner of each in its rotation pair, the pair's angle
+    index, whether it is the first of its pair, and whether it is rotated at all (< ROPE).
+    The partner is loaded again from memory (an L1 hit) rather than moved between lanes: then
+    the norm and bias apply to it with the same ops, and no layout shuffle is needed."""
+    HALF: tl.constexpr = ROPE // 2
+    if NEOX:
+        first = offs < HALF
+        part = tl.where(first, offs + HALF, offs - HALF)
+        ang = tl.where(first, offs, offs - HALF)
+    else:
+        first = (offs % 2) == 0
+        part = offs ^ 1
+        ang = offs // 2
+    return part, ang, first, offs < ROPE
+
+
+@triton.jit
+def rope_rotate(x, xp, cs, sn, first, rotated):
+    """x1*cos - x2*sin on the first of a pair, x2*cos + x1*sin on the second (xp: the partners)."""
+    return tl.where(rotated, x * cs + tl.where(first, -xp, xp) * sn, x)
+
+
+@triton.jit
 def _qk_norm_rope_store_kernel(
         qkv_ptr, bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
         n_q, n_kv, stride_qkv, stride_cos, stride_kh, stride_kp, stride_vh, stride_vp, eps,
@@ -254,19 +278,7 @@ def _qk_norm_rope_store_kernel(
     if hid < n_q + n_kv:
         m = offs < D
         col = src + hid * D
-        # The partner of feature d in its rotation pair, and the pair's angle index. The
-        # partner is loaded again from memory (an L1 hit) rather than moved between lanes:
-        # then the norm and bias apply to it with the same ops, and no layout shuffle is needed.
-        HALF = ROPE // 2
-        r_m = offs < ROPE
-        if NEOX:
-            first = offs < HALF
-            part = tl.where(first, offs + HALF, offs - HALF)
-            ang = tl.where(first, offs, offs - HALF)
-        else:
-            first = (offs % 2) == 0
-            part = offs ^ 1
-            ang = offs // 2
+        part, ang, first, r_m = rope_pairs(offs, ROPE, NEOX)
         x = tl.load(col + offs, mask=m, other=0.0).to(tl.float32)
         xp = tl.load(col + part, mask=r_m, other=0.0).to(tl.float32)
         cs = tl.load(cos_ptr + pos * stride_cos + ang, mask=r_m, other=0.0)
@@ -284,13 +296,12 @@ def _qk_norm_rope_store_kernel(
             r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
             x = x * r * w
             xp = xp * r * wp
-        # x1*cos - x2*sin on the first of a pair, x2*cos + x1*sin on the second
-        x = tl.where(r_m, x * cs + tl.where(first, -xp, xp) * sn, x)
+        x = rope_rotate(x, xp, cs, sn, first, r_m)
         if hid < n_q:
-            tl.store(q_ptr + (t * n_q + hid) * D + offs, _cast(x, q_ptr.dtype.element_ty, RNE), mask=m)
+            tl.store(q_ptr + (t * n_q + hid) * D + offs, cast_to(x, q_ptr.dtype.element_ty, RNE), mask=m)
         else:
             j = (hid - n_q).to(tl.int64)
-            tl.store(k_ptr + j * stride_kh + pos * stride_kp + offs, _cast(x, k_ptr.dtype.element_ty, RNE), mask=m)
+            tl.store(k_ptr + j * stride_kh + pos * stride_kp + offs, cast_to(x, k_ptr.dtype.element_ty, RNE), mask=m)
     else:
         j = hid - n_q - n_kv
         m = offs < DV
@@ -298,7 +309,7 @@ def _qk_norm_rope_store_kernel(
         x = tl.load(src + c0 + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x += tl.load(bias_ptr + c0 + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(v_ptr + j.to(tl.int64) * stride_vh + pos * stride_vp + offs, _cast(x, v_ptr.dtype.element_ty, RNE),
+        tl.store(v_ptr + j.to(tl.int64) * stride_vh + pos * stride_vp + offs, cast_to(x, v_ptr.dtype.element_ty, RNE),
                  mask=m)
 
 
@@ -372,7 +383,7 @@ def _act_mul_kernel(gu_ptr, out_ptr, n_ff, stride_in, stride_out, xq_ptr, xd_ptr
         # where the tanh nears -1.
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         a = g / (1.0 + tl.exp(-2.0 * z))
-    o = _cast(a * u, out_ptr.dtype.element_ty, RNE)
+    o = cast_to(a * u, out_ptr.dtype.element_ty, RNE)
     tl.store(out_ptr + row * stride_out + offs, o, mask=m)
     if Q8:  # one row: its int8 form for the down projection (BLOCK holds whole groups of 32)
         g = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)[:, None]

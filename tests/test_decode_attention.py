@@ -14,7 +14,11 @@ import torch
 from conftest import CUDA  # (conftest picked Triton's interpreter without a GPU)
 pytest.importorskip("triton", reason="triton is not installed (it belongs in the test extra)")
 
-from tpruntime.kernels.attention import decode_attention, decode_attention_reference, plan  # noqa: E402
+from tpruntime.kernels.attention import (decode_attention, decode_attention_qkv,  # noqa: E402
+                                         decode_attention_reference, plan)
+from tpruntime.kv_cache import KVCache  # noqa: E402
+from tpruntime.layers import Rope  # noqa: E402
+from tpruntime.ops import TorchOps  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 CHUNK = 128  # a multiple of every BLOCK_N, so splits end exactly at multiples of it
@@ -165,6 +169,69 @@ def test_rejects_bad_shapes():
         decode_attention(q[:4, :32], k, v, n_keys_tensor(4), 1.0)
 
 
+# --- decode_attention_qkv: q/k norm, rope and the KV store inside the attention launch ---------
+
+def qkv_case(n_head, n_kv, n_ctx, d, dv, rope_dim, neox, norm, bias, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    width = n_head * d + n_kv * (d + dv)
+    rope = Rope(rope_dim, 10000.0, 1.0, neox, n_ctx, torch.device(DEV))
+    kw = dict(eps=1e-6, cos=rope.cos, sin=rope.sin, rope_dim=rope_dim, neox=neox,
+              q_norm=(0.5 + torch.rand(d, generator=g)).to(DEV) if norm else None,
+              k_norm=(0.5 + torch.rand(d, generator=g)).to(DEV) if norm else None,
+              bias=torch.randn(width, generator=g).to(DEV) if bias else None)
+    qkv = (2 * torch.randn(1, width, generator=g)).to(DEV)
+    cache = KVCache([n_kv], n_ctx, d, dv, torch.device(DEV), dtype)
+    cache.k[0].copy_(torch.randn(n_kv, n_ctx, d, generator=g))  # garbage, kept where not written
+    cache.v[0].copy_(torch.randn(n_kv, n_ctx, dv, generator=g))
+    return qkv, kw, cache
+
+
+def check_qkv(n_head, n_kv, n_ctx, d, dv, rope_dim, neox, norm, bias, dtype, n, window=0, **akw):
+    """decode_attention_qkv against the torch path (TorchOps.qk_norm_rope_store into a copy of
+    the cache, then float64 attention with q rounded to the cache dtype as the runtime passes it):
+    the output, the new key and value at n - 1, and every other cache position untouched."""
+    qkv, kw, cache = qkv_case(n_head, n_kv, n_ctx, d, dv, rope_dim, neox, norm, bias, dtype, seed=n + d + n_head)
+    k0, v0 = cache.k[0].clone(), cache.v[0].clone()
+    pos = torch.tensor([n - 1], device=DEV)
+    q_ref = TorchOps.qk_norm_rope_store(qkv, n_head, n_kv, d, dv, pos=pos, k_cache=k0, v_cache=v0,
+                                        q_dtype=dtype, **kw)[0]
+    scale = d ** -0.5
+    out = decode_attention_qkv(qkv, n_head, cache.k[0], cache.v[0], n_keys_tensor(n), scale, window, **kw, **akw)
+    ref = decode_attention_reference(q_ref, k0, v0, n, scale, window)
+    for c, r in ((cache.k[0], k0), (cache.v[0], v0)):
+        assert torch.equal(c[:, :n - 1], r[:, :n - 1]) and torch.equal(c[:, n:], r[:, n:])
+        torch.testing.assert_close(c[:, n - 1].float(), r[:, n - 1].float(),
+                                   rtol=1e-6 if dtype == torch.float32 else 2 ** -7, atol=1e-6)
+    err = rel_err(out.cpu(), ref.cpu())
+    # bf16: q and the new key may round the other way from the reference's in a last bit
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), f"n_keys={n} window={window}: rel err {err:.2e}"
+
+
+# The new key in the first, a middle and the last split (chunk 64: splits of 64 keys), windows,
+# rope over part of the head, both rope layouts, q/k norms and biases, groups of 1, 4 and 8.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("n_head,n_kv,d,dv,rope_dim,neox,norm,bias", [
+    (8, 1, 128, 128, 128, True, True, False),     # qwen3: one KV head of a group of 8
+    (8, 2, 64, 64, 32, False, False, True),       # qwen2-like bias, rope on half the head
+    (2, 2, 128, 64, 64, True, True, True),        # group 1, a narrower V head
+], ids=["qwen3", "bias-pairs", "g1-dv64"])
+def test_qkv_prologue(n_head, n_kv, d, dv, rope_dim, neox, norm, bias, dtype):
+    n_ctx = 200
+    for n, window, chunk in [(1, 0, 64), (64, 0, 64), (65, 0, 64), (200, 0, 64), (130, 0, None), (150, 40, 64)]:
+        check_qkv(n_head, n_kv, n_ctx, d, dv, rope_dim, neox, norm, bias, dtype, n, window, chunk=chunk)
+
+
+def test_qkv_rejects_bad_input():
+    qkv, kw, cache = qkv_case(4, 2, 16, 64, 64, 64, True, True, False, torch.float32, seed=0)
+    n = n_keys_tensor(3)
+    with pytest.raises(ValueError, match="qkv"):
+        decode_attention_qkv(qkv[:, 1:], 4, cache.k[0], cache.v[0], n, 0.125, **kw)
+    with pytest.raises(ValueError, match="rope_dim"):
+        decode_attention_qkv(qkv, 4, cache.k[0], cache.v[0], n, 0.125, **dict(kw, rope_dim=32))
+    with pytest.raises(ValueError, match="come together"):
+        decode_attention_qkv(qkv, 4, cache.k[0], cache.v[0], n, 0.125, **dict(kw, k_norm=None))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("n_head,n_kv,d,window", [(32, 8, 128, 0), (8, 1, 256, 512), (64, 8, 128, 0)])
@@ -183,3 +250,28 @@ def test_cuda_graph_replay(n_head, n_kv, d, window):
         graph.replay()
         ref = decode_attention_reference(q, k, v, n, d ** -0.5, window)
         assert rel_err(out, ref) < TOL[torch.bfloat16], f"n_keys={n}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_replay_qkv():
+    """decode_attention_qkv captured once (qwen3-32b's group of 8, its default plan) and replayed
+    at several n_keys: each replay stores the new key where the reference does and attends as
+    it would."""
+    n_head, n_kv, d, n_ctx = 64, 8, 128, 4096 + 37
+    qkv, kw, cache = qkv_case(n_head, n_kv, n_ctx, d, d, d, True, True, False, torch.bfloat16, seed=3)
+    n_keys = n_keys_tensor(1)
+    decode_attention_qkv(qkv, n_head, cache.k[0], cache.v[0], n_keys, d ** -0.5, **kw)  # compile first
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention_qkv(qkv, n_head, cache.k[0], cache.v[0], n_keys, d ** -0.5, **kw)
+    for n in [1, 64, 65, 1000, 4096, n_ctx]:
+        k0, v0 = cache.k[0].clone(), cache.v[0].clone()
+        q_ref = TorchOps.qk_norm_rope_store(qkv, n_head, n_kv, d, d, pos=torch.tensor([n - 1], device=DEV),
+                                            k_cache=k0, v_cache=v0, q_dtype=torch.bfloat16, **kw)[0]
+        n_keys.fill_(n)
+        graph.replay()
+        torch.testing.assert_close(cache.k[0][:, n - 1].float(), k0[:, n - 1].float(), rtol=2 ** -7, atol=1e-6)
+        assert torch.equal(cache.v[0], v0)
+        assert rel_err(out, decode_attention_reference(q_ref, k0, v0, n, d ** -0.5)) < 1e-2, f"n_keys={n}"

@@ -147,14 +147,19 @@ class Attention:
         if self.n_head == 0:  # this rank sits the layer's attention out: it adds nothing
             return self.attn_output(dense(x).new_zeros(T, 0))
         k_cache, v_cache = cache.k[self.il], cache.v[self.il]
-        q = self.ops.qk_norm_rope_store(
-            self.attn_qkv(x), self.n_head, self.n_head_kv, self.head_dim, self.head_dim_v,
-            q_norm=self.attn_q_norm, k_norm=self.attn_k_norm, eps=self.eps, cos=self.rope.cos,
-            sin=self.rope.sin, pos=p.pos, rope_dim=self.rope.dim, neox=self.rope.neox,
-            k_cache=k_cache, v_cache=v_cache, bias=self.attn_qkv_bias, q_dtype=k_cache.dtype)
-        if T == 1 and self.reads_n_keys:
-            if "n_keys" not in p.memo:
-                p.memo["n_keys"] = p.pos + 1
+        qkv = self.attn_qkv(x)
+        rope = dict(q_norm=self.attn_q_norm, k_norm=self.attn_k_norm, eps=self.eps, cos=self.rope.cos,
+                    sin=self.rope.sin, rope_dim=self.rope.dim, neox=self.rope.neox, bias=self.attn_qkv_bias)
+        decode = T == 1 and self.reads_n_keys
+        if decode and "n_keys" not in p.memo:
+            p.memo["n_keys"] = p.pos + 1
+        if decode and self.ops.decode_attention_qkv is not None:
+            out = self.ops.decode_attention_qkv(qkv, self.n_head, k_cache, v_cache, p.memo["n_keys"], self.scale,
+                                                self.window, q8=self.attn_output.int8_request(1), **rope)
+            return self.attn_output(out if isinstance(out, QuantizedX) else out.reshape(1, -1))
+        q = self.ops.qk_norm_rope_store(qkv, self.n_head, self.n_head_kv, self.head_dim, self.head_dim_v,
+                                        pos=p.pos, k_cache=k_cache, v_cache=v_cache, q_dtype=k_cache.dtype, **rope)
+        if decode:
             out = self.ops.decode_attention(q[0], k_cache, v_cache, p.memo["n_keys"], self.scale, self.window,
                                             q8=self.attn_output.int8_request(1))
             return self.attn_output(out if isinstance(out, QuantizedX) else out.reshape(1, -1))

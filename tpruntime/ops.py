@@ -79,6 +79,7 @@ class TorchOps:
         return (ACTIVATIONS[act](gate) * up).to(out_dtype)
 
     decode_attention = None  # the reference attends with SDPA over the cache (layers.Attention)
+    decode_attention_qkv = None  # (qk_norm_rope_store and decode_attention in one launch)
 
 
 class TritonOps(TorchOps):
@@ -91,6 +92,7 @@ class TritonOps(TorchOps):
         self.qk_norm_rope_store = fused.qk_norm_rope_store
         self.act_mul = fused.act_mul
         self.decode_attention = attention.decode_attention
+        self.decode_attention_qkv = attention.decode_attention_qkv if attention.FUSE_QKV else None
 
 
 def ops_for(fused: bool):
