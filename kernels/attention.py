@@ -107,23 +107,23 @@ def _qkv_prologue(qkv_ptr, bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, k_ptr, v_
         xp = xp * r * tl.load(qn_ptr + part, mask=rotated, other=0.0).to(tl.float32)[None, :]
     q = cast_to(rope_rotate(x, xp, cs[None, :], sn[None, :], first[None, :], rotated[None, :]),
               k_ptr.dtype.element_ty, RNE)
-    if writer:
+    if writer:  # (names of their own: a branch may not give a variable another shape)
         kc = n_kv * G * D + kvh * D
         vc = n_kv * G * D + n_kv * D + kvh * DV
-        x = tl.load(qkv_ptr + kc + dk, mask=d_ok, other=0.0)
-        xp = tl.load(qkv_ptr + kc + part, mask=rotated, other=0.0)
+        k = tl.load(qkv_ptr + kc + dk, mask=d_ok, other=0.0)
+        kp = tl.load(qkv_ptr + kc + part, mask=rotated, other=0.0)
         v = tl.load(qkv_ptr + vc + dv, mask=dv < DV, other=0.0)
         if HAS_BIAS:
-            x += tl.load(bias_ptr + kc + dk, mask=d_ok, other=0.0)
-            xp += tl.load(bias_ptr + kc + part, mask=rotated, other=0.0)
+            k += tl.load(bias_ptr + kc + dk, mask=d_ok, other=0.0)
+            kp += tl.load(bias_ptr + kc + part, mask=rotated, other=0.0)
             v += tl.load(bias_ptr + vc + dv, mask=dv < DV, other=0.0)
         if HAS_NORM:
-            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-            x = x * r * tl.load(kn_ptr + dk, mask=d_ok, other=0.0).to(tl.float32)
-            xp = xp * r * tl.load(kn_ptr + part, mask=rotated, other=0.0).to(tl.float32)
-        x = rope_rotate(x, xp, cs, sn, first, rotated)
+            rk = tl.rsqrt(tl.sum(k * k, axis=0) / D + eps)
+            k = k * rk * tl.load(kn_ptr + dk, mask=d_ok, other=0.0).to(tl.float32)
+            kp = kp * rk * tl.load(kn_ptr + part, mask=rotated, other=0.0).to(tl.float32)
+        k = rope_rotate(k, kp, cs, sn, first, rotated)
         kvh64 = kvh.to(tl.int64)
-        tl.store(k_ptr + kvh64 * stride_kh + pos * stride_kn + dk, cast_to(x, k_ptr.dtype.element_ty, RNE), mask=d_ok)
+        tl.store(k_ptr + kvh64 * stride_kh + pos * stride_kn + dk, cast_to(k, k_ptr.dtype.element_ty, RNE), mask=d_ok)
         tl.store(v_ptr + kvh64 * stride_vh + pos * stride_vn + dv, cast_to(v, v_ptr.dtype.element_ty, RNE),
                  mask=dv < DV)
         tl.debug_barrier()  # (a CTA's global stores are visible to its threads after a barrier)

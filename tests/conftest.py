@@ -20,6 +20,24 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TINY_SHAPES = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3")
 
 
+def compile_offline(script: str, *args: str) -> list[str]:
+    """Run tests/<script> (a kernel compiled for sm_90a with Triton's own ptxas: no GPU) in a
+    process without Triton's interpreter, where @triton.jit functions can be compiled; its
+    stdout lines. Skips where the Triton install carries no ptxas."""
+    import subprocess
+    import sys
+
+    import triton
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton install carries no ptxas to compile for sm_90 with")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, str(root / "tests" / script), *args], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()
+
+
 def fixture_path(*parts: str) -> Path:
     p = FIXTURES.joinpath(*parts)
     if not p.exists():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CUDA  # (conftest picked Triton's interpreter without a GPU)
+from conftest import CUDA, compile_offline  # (conftest picked Triton's interpreter without a GPU)
 pytest.importorskip("triton", reason="triton is not installed (it belongs in the test extra)")
 
 from tpruntime.kernels.attention import (decode_attention, decode_attention_qkv,  # noqa: E402
@@ -219,6 +219,16 @@ def test_qkv_prologue(n_head, n_kv, d, dv, rope_dim, neox, norm, bias, dtype):
     n_ctx = 200
     for n, window, chunk in [(1, 0, 64), (64, 0, 64), (65, 0, 64), (200, 0, 64), (130, 0, None), (150, 40, 64)]:
         check_qkv(n_head, n_kv, n_ctx, d, dv, rope_dim, neox, norm, bias, dtype, n, window, chunk=chunk)
+
+
+def test_split_kernel_compiles_for_sm90():
+    """Every prologue variant compiled offline for sm_90a: the interpreter runs code the compiler
+    rejects (a variable given another shape in a branch passed the tests above and failed to
+    compile), and only a GPU run would otherwise find out."""
+    import json
+    variants = [json.loads(line) for line in compile_offline("compile_attention.py")]
+    assert [v["qkv"] for v in variants] == [False, True, True, True]
+    assert all(v["cubin_bytes"] > 0 for v in variants)
 
 
 def test_qkv_rejects_bad_input():

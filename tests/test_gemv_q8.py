@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CUDA
+from conftest import CUDA, compile_offline
 pytest.importorskip("triton", reason="triton is not installed (it belongs in the test extra)")
 
 from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
@@ -282,19 +282,7 @@ def test_compiled_kernel_loads_each_word_once(bn):
     registers: 127 instead of 96 per thread under the GPU machines' Triton 3.6, decode ~4%
     slower (docs/benchmarks.md, eighth session); Triton 3.9 shows it as 68 loads instead of 52."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import triton
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("this Triton install carries no ptxas to compile for sm_90 with")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(root / "tests" / "ptx_loads.py"), str(bn), "4"], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    loads = json.loads(r.stdout.strip().splitlines()[-1])
+    loads_line = compile_offline("ptx_loads.py", str(bn), "4")[-1]
+    loads = json.loads(loads_line)
     assert loads["vector_loads"] == 2 * (bn + 2), loads
     assert loads["global_loads"] <= 2 * (5 * bn + 6), loads
