@@ -53,6 +53,8 @@ LOG2E = 1.4426950408889634
 # Whether the model's decode steps take decode_attention_qkv (TPRUNTIME_ATTN_QKV=0: the separate
 # qk_norm_rope_store launch, for A/B timing).
 FUSE_QKV = os.environ.get("TPRUNTIME_ATTN_QKV", "1") != "0"
+# (temporary, for the A/B run: the first tiles' L2 prefetch before the wait)
+PREFETCH_KV = os.environ.get("TPRUNTIME_ATTN_PREFETCH", "1") != "0"
 PROGRAMS_PER_SM = 4  # default split count: programs per SM over all KV heads of a full cache
 NUM_STAGES = 3  # cp.async pipeline depth of the tl.dot path (2 tiles of K and V in flight)
 NUM_WARPS = 4
@@ -80,47 +82,66 @@ def _dot(a, b, IEEE: tl.constexpr, WIDEN: tl.constexpr):
 
 
 @triton.jit
-def _qkv_prologue(qkv_ptr, bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, kvh, n_kv, pos, writer,
-                  stride_cos, stride_kh, stride_kn, stride_vh, stride_vn, eps, heads, row_ok, dk, dv,
-                  G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_NORM: tl.constexpr, RNE: tl.constexpr):
+def _qkv_constants(bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kvh, n_kv, pos, stride_cos, heads, row_ok, dk, dv,
+                   G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr):
+    """What _qkv_prologue reads that no kernel of the step writes (rope tables at pos, norm
+    weights, biases): loaded before the launch waits for the previous kernel."""
+    part, ang, first, rotated = rope_pairs(dk, ROPE, NEOX)
+    d_ok = dk < D
+    cs = tl.load(cos_ptr + pos * stride_cos + ang, mask=rotated, other=0.0)
+    sn = tl.load(sin_ptr + pos * stride_cos + ang, mask=rotated, other=0.0)
+    wq, wqp, wk, wkp = 1.0, 1.0, 1.0, 1.0
+    if HAS_NORM:
+        wq = tl.load(qn_ptr + dk, mask=d_ok, other=0.0).to(tl.float32)
+        wqp = tl.load(qn_ptr + part, mask=rotated, other=0.0).to(tl.float32)
+        wk = tl.load(kn_ptr + dk, mask=d_ok, other=0.0).to(tl.float32)
+        wkp = tl.load(kn_ptr + part, mask=rotated, other=0.0).to(tl.float32)
+    bq, bqp, bk, bkp, bv = 0.0, 0.0, 0.0, 0.0, 0.0
+    if HAS_BIAS:
+        cols = heads[:, None] * D
+        kc = n_kv * G * D + kvh * D
+        vc = n_kv * G * D + n_kv * D + kvh * DV
+        bq = tl.load(bias_ptr + cols + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        bqp = tl.load(bias_ptr + cols + part[None, :], mask=row_ok[:, None] & rotated[None, :], other=0.0)
+        bk = tl.load(bias_ptr + kc + dk, mask=d_ok, other=0.0)
+        bkp = tl.load(bias_ptr + kc + part, mask=rotated, other=0.0)
+        bv = tl.load(bias_ptr + vc + dv, mask=dv < DV, other=0.0)
+    return cs, sn, wq, wqp, wk, wkp, bq, bqp, bk, bkp, bv
+
+
+@triton.jit
+def _qkv_prologue(qkv_ptr, k_ptr, v_ptr, consts, kvh, n_kv, pos, writer, stride_kh, stride_kn, stride_vh,
+                  stride_vn, eps, heads, row_ok, dk, dv, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                  ROPE: tl.constexpr, NEOX: tl.constexpr, HAS_NORM: tl.constexpr, RNE: tl.constexpr):
     """What qk_norm_rope_store (kernels/fused.py) does for one KV group, inside the attention
     launch: the group's G query heads from the fused q|k|v projection (+bias, q norm, rope),
     returned in the cache dtype as the separate kernel would have stored them; and, in the
     `writer` program (the one whose keys end at the new one), the new key (k norm, rope) and
     value stored into the caches at `pos` before any key is read. The other programs never read
     position `pos`, so only the writer waits for its own stores (a CTA barrier)."""
+    cs, sn, wq, wqp, wk, wkp, bq, bqp, bk, bkp, bv = consts
     part, ang, first, rotated = rope_pairs(dk, ROPE, NEOX)
     d_ok = dk < D
-    cs = tl.load(cos_ptr + pos * stride_cos + ang, mask=rotated, other=0.0)
-    sn = tl.load(sin_ptr + pos * stride_cos + ang, mask=rotated, other=0.0)
     cols = heads[:, None] * D
-    x = tl.load(qkv_ptr + cols + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    xp = tl.load(qkv_ptr + cols + part[None, :], mask=row_ok[:, None] & rotated[None, :], other=0.0)
-    if HAS_BIAS:
-        x += tl.load(bias_ptr + cols + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        xp += tl.load(bias_ptr + cols + part[None, :], mask=row_ok[:, None] & rotated[None, :], other=0.0)
+    x = tl.load(qkv_ptr + cols + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0) + bq
+    xp = tl.load(qkv_ptr + cols + part[None, :], mask=row_ok[:, None] & rotated[None, :], other=0.0) + bqp
     if HAS_NORM:
         r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
-        x = x * r * tl.load(qn_ptr + dk, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        xp = xp * r * tl.load(qn_ptr + part, mask=rotated, other=0.0).to(tl.float32)[None, :]
+        x = x * r * wq[None, :]
+        xp = xp * r * wqp[None, :]
     q = cast_to(rope_rotate(x, xp, cs[None, :], sn[None, :], first[None, :], rotated[None, :]),
-              k_ptr.dtype.element_ty, RNE)
+                k_ptr.dtype.element_ty, RNE)
     if writer:  # (names of their own: a branch may not give a variable another shape)
         kc = n_kv * G * D + kvh * D
         vc = n_kv * G * D + n_kv * D + kvh * DV
-        k = tl.load(qkv_ptr + kc + dk, mask=d_ok, other=0.0)
-        kp = tl.load(qkv_ptr + kc + part, mask=rotated, other=0.0)
-        v = tl.load(qkv_ptr + vc + dv, mask=dv < DV, other=0.0)
-        if HAS_BIAS:
-            k += tl.load(bias_ptr + kc + dk, mask=d_ok, other=0.0)
-            kp += tl.load(bias_ptr + kc + part, mask=rotated, other=0.0)
-            v += tl.load(bias_ptr + vc + dv, mask=dv < DV, other=0.0)
+        k = tl.load(qkv_ptr + kc + dk, mask=d_ok, other=0.0) + bk
+        kp = tl.load(qkv_ptr + kc + part, mask=rotated, other=0.0) + bkp
+        v = tl.load(qkv_ptr + vc + dv, mask=dv < DV, other=0.0) + bv
         if HAS_NORM:
             rk = tl.rsqrt(tl.sum(k * k, axis=0) / D + eps)
-            k = k * rk * tl.load(kn_ptr + dk, mask=d_ok, other=0.0).to(tl.float32)
-            kp = kp * rk * tl.load(kn_ptr + part, mask=rotated, other=0.0).to(tl.float32)
+            k = k * rk * wk
+            kp = kp * rk * wkp
         k = rope_rotate(k, kp, cs, sn, first, rotated)
         kvh64 = kvh.to(tl.int64)
         tl.store(k_ptr + kvh64 * stride_kh + pos * stride_kn + dk, cast_to(k, k_ptr.dtype.element_ty, RNE), mask=d_ok)
@@ -128,6 +149,15 @@ def _qkv_prologue(qkv_ptr, bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, k_ptr, v_
                  mask=dv < DV)
         tl.debug_barrier()  # (a CTA's global stores are visible to its threads after a barrier)
     return q
+
+
+@triton.jit
+def _prefetch_l2(ptrs, mask):
+    """Ask L2 for the lines at ptrs (where mask): a hint with no result, so it may run before the
+    launch waits for the previous kernel even for bytes that kernel writes (L2 is where every
+    SM's writes meet; nothing lands in L1 or registers)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -139,8 +169,15 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, n_keys_ptr, part_ptr,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_N: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
                   PDL: tl.constexpr, QKV: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, RNE: tl.constexpr):
-    wait_inputs(PDL)
+                  HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, RNE: tl.constexpr,
+                  PREFETCH: tl.constexpr):
+    # With QKV every input but q|k|v itself comes from earlier steps of the stream than the
+    # previous kernel (n_keys = pos + 1 is computed once per step, before the first layer's
+    # attention; the keys before the new one by earlier tokens), so the key range, the
+    # constants and an L2 prefetch of the first K and V tiles go before the wait and overlap
+    # the q|k|v product's tail. Without it q and the new key are the previous kernel's output.
+    if not QKV:
+        wait_inputs(PDL)
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     lo, hi, chunk = _key_range(n_keys_ptr, n_ctx, window, n_splits, min_chunk, BLOCK_N)
@@ -155,10 +192,21 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, n_keys_ptr, part_ptr,
     heads = kvh * G + rows
     row_ok = rows < G
     if QKV:  # q_ptr is the q|k|v projection (decode_attention_qkv)
-        q = _qkv_prologue(q_ptr, bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, kvh,
-                          tl.num_programs(0), (hi - 1).to(tl.int64), end == hi, stride_cos, stride_kh, stride_kn,
-                          stride_vh, stride_vn, eps, heads, row_ok, dk, dv, G, D, DV, BLOCK_D, BLOCK_DV, ROPE,
-                          NEOX, HAS_BIAS, HAS_NORM, RNE)
+        pos = (hi - 1).to(tl.int64)
+        consts = _qkv_constants(bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kvh, tl.num_programs(0), pos,
+                                stride_cos, heads, row_ok, dk, dv, G, D, DV, ROPE, NEOX, HAS_BIAS, HAS_NORM)
+        if PREFETCH:
+            # the first tile's keys, each row as 128-byte lines (row starts are 16-byte aligned)
+            LINES: tl.constexpr = (BLOCK_D * k_ptr.dtype.element_ty.primitive_bitwidth // 8 + 127) // 128
+            # (names of their own: the loop below carries `keys` at another shape)
+            pk = start + tl.arange(0, BLOCK_N)[:, None]
+            pl = tl.arange(0, LINES)[None, :] * (1024 // k_ptr.dtype.element_ty.primitive_bitwidth)
+            _prefetch_l2(k_ptr + kvh.to(tl.int64) * stride_kh + pk * stride_kn + pl, (pk < end) & (pl < D))
+            _prefetch_l2(v_ptr + kvh.to(tl.int64) * stride_vh + pk * stride_vn + pl, (pk < end) & (pl < DV))
+        wait_inputs(PDL)
+        q = _qkv_prologue(q_ptr, k_ptr, v_ptr, consts, kvh, tl.num_programs(0), pos, end == hi, stride_kh,
+                          stride_kn, stride_vh, stride_vn, eps, heads, row_ok, dk, dv, G, D, DV, ROPE, NEOX,
+                          HAS_NORM, RNE)
     else:
         q_mask = row_ok[:, None]
         if BLOCK_D != D:
@@ -383,6 +431,7 @@ def _attend(q, n_head, head_dim, k_cache, v_cache, n_keys, scale, window, chunk,
         BLOCK_DV=p["block_dv"], BLOCK_N=p["block_n"], DOT=p["dot"],
         # (Triton's interpreter multiplies bf16 tl.dot operands as their integer bit patterns)
         IEEE=p["dot"] and k_cache.dtype == torch.float32, WIDEN=interpreting(), PDL=pdl, RNE=interpreting(),
+        PREFETCH=pro is not None and PREFETCH_KV and q.is_cuda and not interpreting(),
         **pro_kw, **launch_kw(pdl), num_warps=NUM_WARPS, num_stages=NUM_STAGES if p["dot"] else 1)
     _merge_kernel[(n_head,)](
         n_keys, scratch, out, n_ctx, window, ns, p["min_chunk"], out.stride(0),

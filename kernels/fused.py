@@ -56,6 +56,8 @@ def _warps_for(block: int, per_thread: int, most: int = 8) -> int:
 # decode steps 1.1% (qwen3-32b) and 1.5% (qwen3-8b) faster on an H100 (8 was no better;
 # docs/benchmarks.md). TPRUNTIME_NORM_PER_THREAD sets it for A/B runs.
 NORM_PER_THREAD = int(os.environ.get("TPRUNTIME_NORM_PER_THREAD", "16"))
+# (temporary, for the A/B run: the norm weights loaded before the wait)
+NORM_PREWAIT = os.environ.get("TPRUNTIME_NORM_PREWAIT", "1") != "0"
 
 
 # --- RMS norm, with the residual add ---------------------------------------------------------
@@ -70,8 +72,7 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x,
                          xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share,
                          HAS_DELTA: tl.constexpr, HAS_POST: tl.constexpr, BLOCK: tl.constexpr,
                          NCHUNK: tl.constexpr, RNE: tl.constexpr, PDL: tl.constexpr, Q8: tl.constexpr,
-                         ZB: tl.constexpr):
-    wait_inputs(PDL)
+                         ZB: tl.constexpr, PREWAIT: tl.constexpr):
     # x is h (f32, rewritten with h + delta) when HAS_DELTA, else the input of a plain norm.
     # Tiles are [BLOCK / 4, 4], not [BLOCK]: every load and store then has the same 4-wide
     # vectors, where a flat tile lets Triton store f32 four and bf16 eight to a thread, with a
@@ -82,18 +83,25 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, pw_ptr, w_ptr, out_ptr, n, eps, stride_x,
     offs = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
     if NCHUNK == 1:
         m = offs < n
-        # Every load before the first reduction: one memory round trip per row.
-        x = tl.load(xr + offs, mask=m, other=0.0).to(tl.float32)
+        if not PREWAIT:
+            wait_inputs(PDL)
+        # The norm weights are constants, so they are read before the wait, overlapping the
+        # previous kernel's tail (they come from HBM: a step's weight stream evicts them from L2).
         w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        d = x
         pw = w
+        if HAS_DELTA and HAS_POST:
+            pw = tl.load(pw_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if PREWAIT:
+            wait_inputs(PDL)
+        # Every other load before the first reduction: one memory round trip per row.
+        x = tl.load(xr + offs, mask=m, other=0.0).to(tl.float32)
+        d = x
         if HAS_DELTA:
             d = tl.load(dr + offs, mask=m, other=0.0).to(tl.float32)
-            if HAS_POST:
-                pw = tl.load(pw_ptr + offs, mask=m, other=0.0).to(tl.float32)
         add_norm_row(x, d, w, pw, xr, orow, offs, m, n, eps, xq_ptr, xd_ptr, xs_ptr, y_ptr, n_zero, share,
                      HAS_DELTA, HAS_POST, BLOCK, RNE, Q8, ZB)
     else:
+        wait_inputs(PDL)
         # Streamed: h + delta is summed in one pass and formed again in the next (from cache)
         # rather than stored and read back, which would need the writing and reading threads
         # to be the same or to synchronize.
@@ -193,7 +201,7 @@ def _launch_norm(x2, d2, pw, w, out2, eps, max_tile, q8: Int8Request | None = No
     _add_rms_norm_kernel[(rows,)](
         x2, d2 if d2 is not None else x2, pw if pw is not None else x2, w, out2, n, float(eps),
         x2.stride(0), d2.stride(0) if d2 is not None else 0, out2.stride(0),
-        *q8_args, HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=pdl,
+        *q8_args, HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=pdl, PREWAIT=NORM_PREWAIT,
         **launch_kw(pdl), **q8_kw, **cfg)
     return qx
 

@@ -34,7 +34,7 @@ def main() -> None:
         sig = dict(args, q_ptr="*fp32" if qkv else ty, k_ptr=ty, v_ptr=ty)
         consts = dict(G=p["group"], D=head_dim, DV=head_dim, PART=p["part"], BLOCK_H=p["block_h"],
                       BLOCK_D=p["block_d"], BLOCK_DV=p["block_dv"], BLOCK_N=p["block_n"], DOT=p["dot"],
-                      IEEE=False, WIDEN=False, PDL=True, QKV=qkv, ROPE=rope, NEOX=neox, HAS_BIAS=bias,
+                      IEEE=False, WIDEN=False, PDL=True, QKV=qkv, ROPE=rope, NEOX=neox, HAS_BIAS=bias, PREFETCH=qkv,
                       HAS_NORM=norm, RNE=False)
         sig.update({k: "constexpr" for k in consts})
         kernel = triton.compile(ASTSource(fn=A._split_kernel, signature=sig, constexprs=consts, attrs=attrs),
