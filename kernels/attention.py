@@ -171,11 +171,11 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, n_keys_ptr, part_ptr,
                   PDL: tl.constexpr, QKV: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, RNE: tl.constexpr,
                   PREFETCH: tl.constexpr):
-    # With QKV every input but q|k|v itself comes from earlier steps of the stream than the
-    # previous kernel (n_keys = pos + 1 is computed once per step, before the first layer's
-    # attention; the keys before the new one by earlier tokens), so the key range, the
-    # constants and an L2 prefetch of the first K and V tiles go before the wait and overlap
-    # the q|k|v product's tail. Without it q and the new key are the previous kernel's output.
+    # With QKV every input but q|k|v itself was written before the previous kernel started
+    # (n_keys = pos + 1 at the start of the step, the keys before the new one by earlier tokens;
+    # decode_attention_qkv's contract), so the key range, the constants and an L2 prefetch of
+    # the first K and V tiles go before the wait and overlap the q|k|v product's tail. Without
+    # it q and the new key are the previous kernel's output.
     if not QKV:
         wait_inputs(PDL)
     kvh = tl.program_id(0)
@@ -197,7 +197,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, n_keys_ptr, part_ptr,
                                 stride_cos, heads, row_ok, dk, dv, G, D, DV, ROPE, NEOX, HAS_BIAS, HAS_NORM)
         if PREFETCH:
             # the first tile's keys, each row as 128-byte lines (row starts are 16-byte aligned)
-            LINES: tl.constexpr = (BLOCK_D * k_ptr.dtype.element_ty.primitive_bitwidth // 8 + 127) // 128
+            LINES: tl.constexpr = (max(BLOCK_D, BLOCK_DV) * k_ptr.dtype.element_ty.primitive_bitwidth // 8 + 127) // 128
             # (names of their own: the loop below carries `keys` at another shape)
             pk = start + tl.arange(0, BLOCK_N)[:, None]
             pl = tl.arange(0, LINES)[None, :] * (1024 // k_ptr.dtype.element_ty.primitive_bitwidth)
@@ -374,10 +374,15 @@ def decode_attention_qkv(qkv: torch.Tensor, n_head: int, k_cache: torch.Tensor, 
     """kernels.fused.qk_norm_rope_store (position n_keys-1, q in the cache dtype) followed by
     decode_attention, with the first inside the attention launch: one launch fewer per layer
     and token. qkv: f32 [1, n_head*head_dim + n_kv*(head_dim + head_dim_v)] (the fused
-    projection of the one new token), the other arguments as those two functions take them.
-    Each attention program norms and rotates its own group's query heads (a few KB read again
-    per program); the program that holds the newest key writes it and its value to the caches
-    first."""
+    projection of the one new token), the other arguments as those two functions take them;
+    rope tables over at least the cache's positions. Each attention program norms and rotates
+    its own group's query heads (a few KB read again per program); the program that holds the
+    newest key writes it and its value to the caches first.
+
+    Everything but qkv is read before the launch waits for the kernel launched just before it
+    (a programmatic dependent launch on Hopper, kernels/common.py): n_keys, the tables, the
+    weights and the cache before n_keys-1 must not be written by that kernel (the runtime
+    makes n_keys at the start of its step). The new token's position is min(n_keys, n_ctx)-1."""
     n_kv, _, head_dim = k_cache.shape
     head_dim_v = v_cache.shape[2]
     width = n_head * head_dim + n_kv * (head_dim + head_dim_v)
@@ -390,8 +395,14 @@ def decode_attention_qkv(qkv: torch.Tensor, n_head: int, k_cache: torch.Tensor, 
                          f"{tuple(sin.shape)} (rope_dim even, <= head_dim {head_dim}, rope_dim / 2 angles)")
     if qkv.dtype != torch.float32 or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != width)):
         raise ValueError("decode_attention_qkv: qkv and bias must be float32 over the fused columns")
-    pro = dict(qkv=qkv.contiguous(), bias=bias, q_norm=q_norm, k_norm=k_norm, cos=cos.contiguous(),
-               sin=sin.contiguous(), rope_dim=rope_dim, neox=bool(neox), eps=float(eps))
+    if cos.shape[0] < k_cache.shape[1]:
+        raise ValueError(f"decode_attention_qkv: rope tables of {cos.shape[0]} positions, a cache of {k_cache.shape[1]}")
+    # (no copies here: a copy would be the kernel just before the launch, whose output the
+    # kernel reads before it waits)
+    if not all(t is None or t.is_contiguous() for t in (qkv, cos, sin, bias, q_norm, k_norm)):
+        raise ValueError("decode_attention_qkv: qkv, the rope tables, norm weights and bias must be contiguous")
+    pro = dict(qkv=qkv, bias=bias, q_norm=q_norm, k_norm=k_norm, cos=cos, sin=sin, rope_dim=rope_dim,
+               neox=bool(neox), eps=float(eps))
     return _attend(pro["qkv"], n_head, head_dim, k_cache, v_cache, n_keys, scale, window, chunk, dot, q8, pro)
 
 

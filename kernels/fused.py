@@ -191,6 +191,11 @@ def norm_int8(out2: torch.Tensor, q8: Int8Request | None, cfg: dict, dummy: torc
 def _launch_norm(x2, d2, pw, w, out2, eps, max_tile, q8: Int8Request | None = None):
     """Launch the norm kernel; with q8 (and a row it can quantize) it also writes out2's int8
     form, returned as a QuantizedX (else None)."""
+    # The weights are read before the kernel waits for the one launched just before it, which
+    # must then not have written them: a weight that needs a copy first is read after the wait.
+    prewait = NORM_PREWAIT and w.is_contiguous() and (pw is None or pw.is_contiguous())
+    w = w.contiguous()
+    pw = pw.contiguous() if pw is not None else None
     n = w.numel()
     rows = x2.shape[0]
     if rows == 0:
@@ -201,7 +206,7 @@ def _launch_norm(x2, d2, pw, w, out2, eps, max_tile, q8: Int8Request | None = No
     _add_rms_norm_kernel[(rows,)](
         x2, d2 if d2 is not None else x2, pw if pw is not None else x2, w, out2, n, float(eps),
         x2.stride(0), d2.stride(0) if d2 is not None else 0, out2.stride(0),
-        *q8_args, HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=pdl, PREWAIT=NORM_PREWAIT,
+        *q8_args, HAS_DELTA=d2 is not None, HAS_POST=pw is not None, RNE=interpreting(), PDL=pdl, PREWAIT=prewait,
         **launch_kw(pdl), **q8_kw, **cfg)
     return qx
 
@@ -219,7 +224,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     n = weight.numel()
     x2 = row_view(x, n, "rms_norm")
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    return with_int8(out, _launch_norm(x2, None, None, weight.contiguous(), out.view(-1, n), eps, max_tile, q8))
+    return with_int8(out, _launch_norm(x2, None, None, weight, out.view(-1, n), eps, max_tile, q8))
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, *,
@@ -236,8 +241,7 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     n = weight.numel()
     h2 = row_view(h, n, "add_rms_norm")
     out = torch.empty(h.shape, dtype=out_dtype, device=h.device)
-    pw = post_weight.contiguous() if post_weight is not None else None
-    qx = _launch_norm(h2, row_view(delta, n, "add_rms_norm"), pw, weight.contiguous(), out.view(-1, n), eps,
+    qx = _launch_norm(h2, row_view(delta, n, "add_rms_norm"), post_weight, weight, out.view(-1, n), eps,
                       max_tile, q8)
     return h, with_int8(out, qx)
 

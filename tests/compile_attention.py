@@ -23,7 +23,10 @@ def main() -> None:
                 stride_kn="i32", stride_vh="i32", stride_vn="i32", bias_ptr="*fp32", qn_ptr="*fp32", kn_ptr="*fp32",
                 cos_ptr="*fp32", sin_ptr="*fp32", stride_cos="i32", eps="fp32")
     names = list(args)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a.endswith("_ptr")}
+    # What Triton's launcher specializes at run time: 16-divisible pointers, strides, n_ctx and
+    # min_chunk (without them the tile loads are scalar and not software-pipelined at all).
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names
+             if a.endswith("_ptr") or a.startswith("stride_") or a in ("n_ctx", "min_chunk")}
     for dtype, head_dim, qkv, rope, neox, bias, norm in [
             (torch.bfloat16, 128, False, 0, False, False, False),
             (torch.bfloat16, 128, True, 128, True, False, True),    # qwen3
@@ -40,8 +43,14 @@ def main() -> None:
         kernel = triton.compile(ASTSource(fn=A._split_kernel, signature=sig, constexprs=consts, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": A.NUM_WARPS, "num_stages": A.NUM_STAGES if p["dot"] else 1})
+        ptx = kernel.asm["ptx"]
+        first_copy = ptx.find("cp.async.cg")
+        before = ptx[:first_copy] if first_copy >= 0 else ""
+        # the writer's K/V stores, then a CTA barrier, then the first tile copy
+        ordered = "st.global" in before and "bar.sync" in before[before.rfind("st.global"):]
         print(json.dumps({"dtype": str(dtype), "qkv": qkv, "cubin_bytes": len(kernel.asm["cubin"]),
-                          "barriers": kernel.asm["ptx"].count("bar.sync")}))
+                          "cp_async": ptx.count("cp.async.cg"), "prefetch": ptx.count("prefetch.global.L2"),
+                          "store_barrier_copy": ordered}))
 
 
 if __name__ == "__main__":

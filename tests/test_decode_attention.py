@@ -214,10 +214,12 @@ def check_qkv(n_head, n_kv, n_ctx, d, dv, rope_dim, neox, norm, bias, dtype, n, 
     (8, 1, 128, 128, 128, True, True, False),     # qwen3: one KV head of a group of 8
     (8, 2, 64, 64, 32, False, False, True),       # qwen2-like bias, rope on half the head
     (2, 2, 128, 64, 64, True, True, True),        # group 1, a narrower V head
-], ids=["qwen3", "bias-pairs", "g1-dv64"])
+    (4, 2, 80, 80, 80, True, True, False),        # a head padded to 128 lanes
+], ids=["qwen3", "bias-pairs", "g1-dv64", "d80"])
 def test_qkv_prologue(n_head, n_kv, d, dv, rope_dim, neox, norm, bias, dtype):
     n_ctx = 200
-    for n, window, chunk in [(1, 0, 64), (64, 0, 64), (65, 0, 64), (200, 0, 64), (130, 0, None), (150, 40, 64)]:
+    for n, window, chunk in [(1, 0, 64), (64, 0, 64), (65, 0, 64), (200, 0, 64), (130, 0, None), (150, 40, 64),
+                             (200, 70, None)]:
         check_qkv(n_head, n_kv, n_ctx, d, dv, rope_dim, neox, norm, bias, dtype, n, window, chunk=chunk)
 
 
@@ -229,6 +231,12 @@ def test_split_kernel_compiles_for_sm90():
     variants = [json.loads(line) for line in compile_offline("compile_attention.py")]
     assert [v["qkv"] for v in variants] == [False, True, True, True]
     assert all(v["cubin_bytes"] > 0 for v in variants)
+    # bf16 caches: the K/V tiles go through the cp.async pipeline; with the prologue, the
+    # writer's stores are followed by a barrier before the first copy, and the first K and V
+    # tiles are prefetched (two hints a thread).
+    assert all(v["cp_async"] > 0 for v in variants[:3]), variants
+    assert [v["store_barrier_copy"] for v in variants[:3]] == [False, True, True], variants
+    assert [v["prefetch"] for v in variants] == [0, 2, 2, 2], variants
 
 
 def test_qkv_rejects_bad_input():
@@ -265,23 +273,36 @@ def test_cuda_graph_replay(n_head, n_kv, d, window):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_graph_replay_qkv():
-    """decode_attention_qkv captured once (qwen3-32b's group of 8, its default plan) and replayed
-    at several n_keys: each replay stores the new key where the reference does and attends as
-    it would."""
+    """decode_attention_qkv captured once (qwen3-32b's group of 8, its default plan) behind the
+    kernels a decode step has before it: n_keys made from pos by a torch op, then q|k|v by a
+    Triton kernel launched as a programmatic dependent (act_mul here), both with new values at
+    every replay. A load of q|k|v before the wait would read the previous replay's values; the
+    new key must land where the reference puts it."""
+    from tpruntime.kernels.fused import act_mul
     n_head, n_kv, d, n_ctx = 64, 8, 128, 4096 + 37
     qkv, kw, cache = qkv_case(n_head, n_kv, n_ctx, d, d, d, True, True, False, torch.bfloat16, seed=3)
-    n_keys = n_keys_tensor(1)
-    decode_attention_qkv(qkv, n_head, cache.k[0], cache.v[0], n_keys, d ** -0.5, **kw)  # compile first
+    width = qkv.shape[1]
+    g = torch.Generator().manual_seed(4)
+    gate_up = torch.randn(1, 2 * width, generator=g).to(DEV)
+    pos = torch.zeros(1, dtype=torch.long, device=DEV)
+
+    def step():
+        n_keys = pos + 1
+        return decode_attention_qkv(act_mul(gate_up, width), n_head, cache.k[0], cache.v[0], n_keys, d ** -0.5, **kw)
+
+    step()  # compile first
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention_qkv(qkv, n_head, cache.k[0], cache.v[0], n_keys, d ** -0.5, **kw)
+        out = step()
     for n in [1, 64, 65, 1000, 4096, n_ctx]:
+        gate_up.copy_(torch.randn(1, 2 * width, generator=g))
+        pos.fill_(n - 1)
+        qkv_now = TorchOps.act_mul(gate_up, width)
         k0, v0 = cache.k[0].clone(), cache.v[0].clone()
-        q_ref = TorchOps.qk_norm_rope_store(qkv, n_head, n_kv, d, d, pos=torch.tensor([n - 1], device=DEV),
-                                            k_cache=k0, v_cache=v0, q_dtype=torch.bfloat16, **kw)[0]
-        n_keys.fill_(n)
+        q_ref = TorchOps.qk_norm_rope_store(qkv_now, n_head, n_kv, d, d, pos=pos, k_cache=k0, v_cache=v0,
+                                            q_dtype=torch.bfloat16, **kw)[0]
         graph.replay()
         torch.testing.assert_close(cache.k[0][:, n - 1].float(), k0[:, n - 1].float(), rtol=2 ** -7, atol=1e-6)
-        assert torch.equal(cache.v[0], v0)
+        torch.testing.assert_close(cache.v[0].float(), v0.float(), rtol=2 ** -7, atol=1e-6)
         assert rel_err(out, decode_attention_reference(q_ref, k0, v0, n, d ** -0.5)) < 1e-2, f"n_keys={n}"

@@ -150,9 +150,7 @@ class Attention:
         qkv = self.attn_qkv(x)
         rope = dict(q_norm=self.attn_q_norm, k_norm=self.attn_k_norm, eps=self.eps, cos=self.rope.cos,
                     sin=self.rope.sin, rope_dim=self.rope.dim, neox=self.rope.neox, bias=self.attn_qkv_bias)
-        decode = T == 1 and self.reads_n_keys
-        if decode and "n_keys" not in p.memo:
-            p.memo["n_keys"] = p.pos + 1
+        decode = T == 1 and self.reads_n_keys  # (then the step has put pos + 1 in p.memo["n_keys"])
         if decode and self.ops.decode_attention_qkv is not None:
             out = self.ops.decode_attention_qkv(qkv, self.n_head, k_cache, v_cache, p.memo["n_keys"], self.scale,
                                                 self.window, q8=self.attn_output.int8_request(1), **rope)

@@ -133,6 +133,11 @@ class Transformer:
     def _step(self, tokens: torch.Tensor, p: Positions, n_out: int) -> torch.Tensor | None:
         """One forward pass; device-side only, so it can be captured in a CUDA graph."""
         shard = self.shard
+        if tokens.shape[0] == 1:
+            # The decode attention kernel reads the key count before it waits for the kernel
+            # launched before it (kernels/attention.py), so it is made here, ahead of every
+            # kernel of the step, not by the first layer that needs it.
+            p.memo["n_keys"] = p.pos + 1
         if shard.first_stage:
             h = self.embed(tokens)
         else:
