@@ -56,8 +56,9 @@ def _warps_for(block: int, per_thread: int, most: int = 8) -> int:
 # decode steps 1.1% (qwen3-32b) and 1.5% (qwen3-8b) faster on an H100 (8 was no better;
 # docs/benchmarks.md). TPRUNTIME_NORM_PER_THREAD sets it for A/B runs.
 NORM_PER_THREAD = int(os.environ.get("TPRUNTIME_NORM_PER_THREAD", "16"))
-# (temporary, for the A/B run: the norm weights loaded before the wait)
-NORM_PREWAIT = os.environ.get("TPRUNTIME_NORM_PREWAIT", "1") != "0"
+# The norm weights loaded before the wait: opt-in (TPRUNTIME_NORM_PREWAIT=1) until measured on a
+# GPU, like kernels/attention.py's FUSE_QKV.
+NORM_PREWAIT = os.environ.get("TPRUNTIME_NORM_PREWAIT", "0") == "1"
 
 
 # --- RMS norm, with the residual add ---------------------------------------------------------

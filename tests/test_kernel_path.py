@@ -43,12 +43,19 @@ def _run(lm, prompt: list[int], steps: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA variant is test_models.test_cuda_kernels_equal_torch_reference")
+@pytest.mark.parametrize("prologue", [False, True], ids=["", "attn-qkv"])
 @pytest.mark.parametrize("arch", MICRO)
-def test_interpreted_kernels_equal_torch_path(arch, micro_models):
+def test_interpreted_kernels_equal_torch_path(arch, micro_models, prologue, monkeypatch):
+    """prologue: decode attention with the q/k norm + rope + KV store in its launch
+    (TPRUNTIME_ATTN_QKV=1) and the norms' weights read before the wait (TPRUNTIME_NORM_PREWAIT=1)."""
+    from tpruntime.kernels import attention, fused
+    monkeypatch.setattr(attention, "FUSE_QKV", prologue)
+    monkeypatch.setattr(fused, "NORM_PREWAIT", prologue)
     path = str(micro_models[arch])
     ref = load_model(path, n_ctx=32, progress=False)
     fast = load_model(path, n_ctx=32, progress=False, interpret_kernels=True)
     assert isinstance(fast.ops, TritonOps) and not isinstance(ref.ops, TritonOps)
+    assert (fast.ops.decode_attention_qkv is not None) == prologue
     blk = fast.blocks[0]
     assert isinstance(blk.ffn.ffn_down.weight, QuantWeight) and isinstance(blk.attn.attn_qkv.parts[0], QuantWeight)
     assert fast.weight_bytes == fast.planned_bytes < ref.weight_bytes / 3

@@ -126,11 +126,15 @@ def _prefill_then_decode(lm, prompt: list[int], steps: list[int]) -> torch.Tenso
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("shape", TINY_SHAPES)
-def test_cuda_kernels_equal_torch_reference(shape, tiny_models):
+@pytest.mark.parametrize("prologue", [False, True], ids=["", "attn-qkv"])
+def test_cuda_kernels_equal_torch_reference(shape, tiny_models, prologue, monkeypatch):
     """The CUDA default (weights kept in GGUF blocks: GEMV kernels for decode, dequantize +
     matmul for prefill; fused norm/rope/cache/activation kernels; split-K decode attention in
     graphs) gives the logits of plain torch over dequantized weights, prefill and decode
-    past the sliding window."""
+    past the sliding window; also with TPRUNTIME_ATTN_QKV=1 and TPRUNTIME_NORM_PREWAIT=1."""
+    from tpruntime.kernels import attention, fused
+    monkeypatch.setattr(attention, "FUSE_QKV", prologue)
+    monkeypatch.setattr(fused, "NORM_PREWAIT", prologue)
     path = str(tiny_models[shape])
     ref = load_model(path, n_ctx=600, device="cuda", dtype="f32", progress=False, dense_weights=True,
                      fused_ops=False, cuda_graphs=False)
