@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from tpruntime.kernels.common import interpreting, launch_kw, sm_count, use_pdl, wait_inputs
-from tpruntime.kernels.fused import cast_to, rope_pairs, rope_rotate
+from tpruntime.kernels.fused import cast_to, check_qkv_rope, rope_pairs, rope_rotate
 from tpruntime.kernels.gemv_q8 import new_quantized, producer_args, quantize_store, zero_share
 from tpruntime.qweight import Int8Request, QuantizedX
 
@@ -87,7 +87,8 @@ def _qkv_constants(bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kvh, n_kv, pos, s
                    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr):
     """What _qkv_prologue reads that no kernel of the step writes (rope tables at pos, norm
-    weights, biases): loaded before the launch waits for the previous kernel."""
+    weights, biases): loaded before the launch waits for the previous kernel; with the rope
+    pairing of the features (rope_pairs) that both use."""
     part, ang, first, rotated = rope_pairs(dk, ROPE, NEOX)
     d_ok = dk < D
     cs = tl.load(cos_ptr + pos * stride_cos + ang, mask=rotated, other=0.0)
@@ -108,21 +109,20 @@ def _qkv_constants(bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, kvh, n_kv, pos, s
         bk = tl.load(bias_ptr + kc + dk, mask=d_ok, other=0.0)
         bkp = tl.load(bias_ptr + kc + part, mask=rotated, other=0.0)
         bv = tl.load(bias_ptr + vc + dv, mask=dv < DV, other=0.0)
-    return cs, sn, wq, wqp, wk, wkp, bq, bqp, bk, bkp, bv
+    return part, first, rotated, cs, sn, wq, wqp, wk, wkp, bq, bqp, bk, bkp, bv
 
 
 @triton.jit
 def _qkv_prologue(qkv_ptr, k_ptr, v_ptr, consts, kvh, n_kv, pos, writer, stride_kh, stride_kn, stride_vh,
                   stride_vn, eps, heads, row_ok, dk, dv, G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                  ROPE: tl.constexpr, NEOX: tl.constexpr, HAS_NORM: tl.constexpr, RNE: tl.constexpr):
+                  HAS_NORM: tl.constexpr, RNE: tl.constexpr):
     """What qk_norm_rope_store (kernels/fused.py) does for one KV group, inside the attention
     launch: the group's G query heads from the fused q|k|v projection (+bias, q norm, rope),
     returned in the cache dtype as the separate kernel would have stored them; and, in the
     `writer` program (the one whose keys end at the new one), the new key (k norm, rope) and
     value stored into the caches at `pos` before any key is read. The other programs never read
     position `pos`, so only the writer waits for its own stores (a CTA barrier)."""
-    cs, sn, wq, wqp, wk, wkp, bq, bqp, bk, bkp, bv = consts
-    part, ang, first, rotated = rope_pairs(dk, ROPE, NEOX)
+    part, first, rotated, cs, sn, wq, wqp, wk, wkp, bq, bqp, bk, bkp, bv = consts
     d_ok = dk < D
     cols = heads[:, None] * D
     x = tl.load(qkv_ptr + cols + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0) + bq
@@ -206,8 +206,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, n_keys_ptr, part_ptr,
             _prefetch_l2(v_ptr + kvh.to(tl.int64) * stride_vh + pk * stride_vn + pl, (pk < end) & (pl < DV))
         wait_inputs(PDL)
         q = _qkv_prologue(q_ptr, k_ptr, v_ptr, consts, kvh, tl.num_programs(0), pos, end == hi, stride_kh,
-                          stride_kn, stride_vh, stride_vn, eps, heads, row_ok, dk, dv, G, D, DV, ROPE, NEOX,
-                          HAS_NORM, RNE)
+                          stride_kn, stride_vh, stride_vn, eps, heads, row_ok, dk, dv, G, D, DV, HAS_NORM, RNE)
     else:
         q_mask = row_ok[:, None]
         if BLOCK_D != D:
@@ -386,15 +385,11 @@ def decode_attention_qkv(qkv: torch.Tensor, n_head: int, k_cache: torch.Tensor, 
     makes n_keys at the start of its step). The new token's position is min(n_keys, n_ctx)-1."""
     n_kv, _, head_dim = k_cache.shape
     head_dim_v = v_cache.shape[2]
-    width = n_head * head_dim + n_kv * (head_dim + head_dim_v)
-    if qkv.dim() != 2 or qkv.shape[0] != 1 or qkv.shape[1] != width:
-        raise ValueError(f"decode_attention_qkv: qkv {tuple(qkv.shape)} is not [1, {width}]")
-    if (q_norm is None) != (k_norm is None):
-        raise ValueError("decode_attention_qkv: q_norm and k_norm come together")
-    if rope_dim % 2 or rope_dim > head_dim or cos.shape[-1] != rope_dim // 2 or cos.shape != sin.shape:
-        raise ValueError(f"decode_attention_qkv: rope_dim {rope_dim}, tables {tuple(cos.shape)} / "
-                         f"{tuple(sin.shape)} (rope_dim even, <= head_dim {head_dim}, rope_dim / 2 angles)")
-    if qkv.dtype != torch.float32 or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != width)):
+    check_qkv_rope("decode_attention_qkv", qkv, n_head, n_kv, head_dim, head_dim_v, q_norm, k_norm, cos, rope_dim)
+    if qkv.shape[0] != 1 or cos.shape != sin.shape:
+        raise ValueError(f"decode_attention_qkv: qkv {tuple(qkv.shape)} is not one token, or the rope tables "
+                         f"{tuple(cos.shape)} / {tuple(sin.shape)} differ")
+    if qkv.dtype != torch.float32 or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != qkv.shape[1])):
         raise ValueError("decode_attention_qkv: qkv and bias must be float32 over the fused columns")
     if cos.shape[0] < k_cache.shape[1]:
         raise ValueError(f"decode_attention_qkv: rope tables of {cos.shape[0]} positions, a cache of {k_cache.shape[1]}")

@@ -326,6 +326,21 @@ def _qk_norm_rope_store_kernel(
                  mask=m)
 
 
+def check_qkv_rope(what: str, qkv: torch.Tensor, n_head: int, n_head_kv: int, head_dim: int, head_dim_v: int,
+                   q_norm, k_norm, cos: torch.Tensor, rope_dim: int) -> None:
+    """The checks shared by the two kernels that split a q|k|v projection and rotate it
+    (qk_norm_rope_store, kernels/attention.py decode_attention_qkv)."""
+    width = n_head * head_dim + n_head_kv * (head_dim + head_dim_v)
+    if qkv.dim() != 2 or qkv.shape[1] != width:
+        raise ValueError(f"{what}: qkv {tuple(qkv.shape)} is not [T, {width}]")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError(f"{what}: q_norm and k_norm come together")
+    if rope_dim % 2 or rope_dim > head_dim:
+        raise ValueError(f"{what}: rope_dim {rope_dim} must be even and <= head_dim {head_dim}")
+    if cos.shape[-1] != rope_dim // 2:
+        raise ValueError(f"{what}: rope tables of {cos.shape[-1]} angles, rope_dim {rope_dim}")
+
+
 @functools.lru_cache(maxsize=None)
 def _head_config(head_dim: int, head_dim_v: int) -> dict:
     block = triton.next_power_of_2(max(head_dim, head_dim_v))
@@ -350,18 +365,11 @@ def qk_norm_rope_store(qkv: torch.Tensor, n_head: int, n_head_kv: int, head_dim:
     q = torch.empty(T, n_head, head_dim, dtype=q_dtype, device=qkv.device)
     if n_head == 0 or T == 0:
         return q  # a rank that sits this layer's attention out
-    width = n_head * head_dim + n_head_kv * (head_dim + head_dim_v)
-    if qkv.dim() != 2 or qkv.shape[1] != width:
-        raise ValueError(f"qk_norm_rope_store: qkv {tuple(qkv.shape)} is not [T, {width}]")
-    if (q_norm is None) != (k_norm is None):
-        raise ValueError("qk_norm_rope_store: q_norm and k_norm come together")
-    if rope_dim % 2 or rope_dim > head_dim:
-        raise ValueError(f"qk_norm_rope_store: rope_dim {rope_dim} must be even and <= head_dim {head_dim}")
+    check_qkv_rope("qk_norm_rope_store", qkv, n_head, n_head_kv, head_dim, head_dim_v, q_norm, k_norm, cos,
+                   rope_dim)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
-    if cos.shape[-1] != rope_dim // 2:
-        raise ValueError(f"qk_norm_rope_store: rope tables of {cos.shape[-1]} angles, rope_dim {rope_dim}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("qk_norm_rope_store: the caches' last axis must be contiguous")
     dummy = qkv
