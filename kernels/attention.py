@@ -50,10 +50,10 @@ from tpruntime.kernels.gemv_q8 import new_quantized, producer_args, quantize_sto
 from tpruntime.qweight import Int8Request, QuantizedX
 
 LOG2E = 1.4426950408889634
-# Whether the model's decode steps take decode_attention_qkv. Opt-in (TPRUNTIME_ATTN_QKV=1)
-# until it has run on a GPU: written and checked on the CPU (interpreter, sm_90a compile) in a
-# session that got no device time; the A/B command is in docs/benchmarks.md (ninth session).
-FUSE_QKV = os.environ.get("TPRUNTIME_ATTN_QKV", "0") == "1"
+# Whether the model's decode steps take decode_attention_qkv (one launch fewer per layer):
+# decode steps 0.6% (qwen3-32b) and 0.9% (qwen3-8b) faster on an H100 (docs/benchmarks.md,
+# tenth session). TPRUNTIME_ATTN_QKV=0 keeps the separate q/k norm + rope + store launch.
+FUSE_QKV = os.environ.get("TPRUNTIME_ATTN_QKV", "1") != "0"
 # The first tiles' L2 prefetch in that path (TPRUNTIME_ATTN_PREFETCH=0 leaves it out, for the A/B).
 PREFETCH_KV = os.environ.get("TPRUNTIME_ATTN_PREFETCH", "1") != "0"
 PROGRAMS_PER_SM = 4  # default split count: programs per SM over all KV heads of a full cache

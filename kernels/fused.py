@@ -56,9 +56,10 @@ def _warps_for(block: int, per_thread: int, most: int = 8) -> int:
 # decode steps 1.1% (qwen3-32b) and 1.5% (qwen3-8b) faster on an H100 (8 was no better;
 # docs/benchmarks.md). TPRUNTIME_NORM_PER_THREAD sets it for A/B runs.
 NORM_PER_THREAD = int(os.environ.get("TPRUNTIME_NORM_PER_THREAD", "16"))
-# The norm weights loaded before the wait: opt-in (TPRUNTIME_NORM_PREWAIT=1) until measured on a
-# GPU, like kernels/attention.py's FUSE_QKV.
-NORM_PREWAIT = os.environ.get("TPRUNTIME_NORM_PREWAIT", "0") == "1"
+# The norm weights loaded before the wait (PDL): they come from HBM, since a step's weights evict
+# them from L2; with the attention prologue, decode steps 0.4% (qwen3-32b) and 0.9% (qwen3-8b)
+# faster on an H100 (docs/benchmarks.md, tenth session). TPRUNTIME_NORM_PREWAIT=0 for A/B runs.
+NORM_PREWAIT = os.environ.get("TPRUNTIME_NORM_PREWAIT", "1") != "0"
 
 
 # --- RMS norm, with the residual add ---------------------------------------------------------

@@ -43,13 +43,13 @@ def _run(lm, prompt: list[int], steps: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.skipif(CUDA, reason="the CUDA variant is test_models.test_cuda_kernels_equal_torch_reference")
-# (arch, prologue): prologue is decode attention with the q/k norm + rope + KV store in its
-# launch (TPRUNTIME_ATTN_QKV=1) and the norms' weights read before the wait
-# (TPRUNTIME_NORM_PREWAIT=1); on gemma3 only, the shape with the most branches (q/k norms,
-# sandwich norms, a window, one KV head), since tests/test_decode_attention.py covers the
-# kernel's variants and each interpreted model run takes ~40 s.
-@pytest.mark.parametrize("arch,prologue", [(a, False) for a in MICRO] + [("gemma3", True)],
-                         ids=[*MICRO, "gemma3-attn-qkv"])
+# (arch, prologue): prologue (the default) is decode attention with the q/k norm + rope + KV
+# store in its launch (TPRUNTIME_ATTN_QKV) and the norms' weights read before the wait
+# (TPRUNTIME_NORM_PREWAIT); the separate launches on gemma3 only, the shape with the most
+# branches (q/k norms, sandwich norms, a window, one KV head), since each interpreted model run
+# takes ~40 s.
+@pytest.mark.parametrize("arch,prologue", [(a, True) for a in MICRO] + [("gemma3", False)],
+                         ids=[*MICRO, "gemma3-separate"])
 def test_interpreted_kernels_equal_torch_path(arch, micro_models, prologue, monkeypatch):
     from tpruntime.kernels import attention, fused
     monkeypatch.setattr(attention, "FUSE_QKV", prologue)

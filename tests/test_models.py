@@ -126,12 +126,12 @@ def _prefill_then_decode(lm, prompt: list[int], steps: list[int]) -> torch.Tenso
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("shape", TINY_SHAPES)
-@pytest.mark.parametrize("prologue", [False, True], ids=["", "attn-qkv"])
+@pytest.mark.parametrize("prologue", [True, False], ids=["", "separate"])
 def test_cuda_kernels_equal_torch_reference(shape, tiny_models, prologue, monkeypatch):
     """The CUDA default (weights kept in GGUF blocks: GEMV kernels for decode, dequantize +
     matmul for prefill; fused norm/rope/cache/activation kernels; split-K decode attention in
     graphs) gives the logits of plain torch over dequantized weights, prefill and decode
-    past the sliding window; also with TPRUNTIME_ATTN_QKV=1 and TPRUNTIME_NORM_PREWAIT=1."""
+    past the sliding window; also with TPRUNTIME_ATTN_QKV=0 and TPRUNTIME_NORM_PREWAIT=0."""
     from tpruntime.kernels import attention, fused
     monkeypatch.setattr(attention, "FUSE_QKV", prologue)
     monkeypatch.setattr(fused, "NORM_PREWAIT", prologue)
