@@ -4,8 +4,7 @@ Decode reads every weight byte once per token, so its speed is the stored size: 
 is 3.6x fewer bytes than its bf16 dequantization. A few tokens go through the quantized GEMV
 kernels (tpruntime.kernels.gemv; gemv_q8 for one token of 16-bit activations); a prefill batch
 dequantizes the matrix a slice at a time into a scratch buffer and runs the tensor-core matmul
-there, where the math, not the bytes, is the cost (dequantizing is a few percent of a ub=512
-matmul's time and no memory stays behind).
+there, where the math, not the bytes, is the cost (and no dequantized copy stays behind).
 """
 
 from __future__ import annotations
@@ -33,12 +32,11 @@ INT8_ACTIVATIONS = True
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 # The prefill matmul writes float32 itself (torch.mm's out_dtype) instead of a 16-bit product
-# converted afterwards. Opt-in (TPRUNTIME_MM_F32_OUT=1) until timed on a GPU (docs/benchmarks.md,
-# tenth session: no device machine could be started for it).
-F32_OUT = os.environ.get("TPRUNTIME_MM_F32_OUT", "0") == "1"
-# Slices per prefill matrix dequantized on a side stream while the previous slice's matmul runs
-# (QuantWeight._pipelined); 0: one stream. Opt-in (TPRUNTIME_PREFILL_PIPELINE=4) until timed.
-PIPELINE = int(os.environ.get("TPRUNTIME_PREFILL_PIPELINE", "0"))
+# copied into the float32 output: qwen3-32b prefill chunks on an H100 131.9 -> 87.5 ms at ub 512,
+# 274.1 -> 247.8 ms at ub 2048 (docs/benchmarks.md, tenth session). TPRUNTIME_MM_F32_OUT=0 for A/B.
+# (torch.mm takes out_dtype from torch 2.8 on; older ones keep the copy.)
+F32_OUT = (os.environ.get("TPRUNTIME_MM_F32_OUT", "1") != "0"
+           and "dtype_out" in torch.ops.aten.mm.overloads())
 
 
 class Int8Request(NamedTuple):
@@ -125,78 +123,28 @@ class QuantWeight:
         if x.shape[0] <= GEMV_MAX_TOKENS:
             return qgemv(x, self.raw, self.qtype, self.n_out, self.k_in)
         x = x.to(self.dtype)
-        if PIPELINE and x.is_cuda:
-            return self._pipelined(x)
-        rows = self._slice_rows(SCRATCH_ELEMENTS, self.n_out)
-        scratch = _scratch_buffer(x.device, self.dtype, min(rows, self.n_out) * self.k_in)
+        # Whole multiples of 128 rows: an output slice whose row stride is not 16-byte aligned
+        # sends cuBLAS to its pre-Hopper kernels (measured 3x slower on an H200).
+        rows = max(128, SCRATCH_ELEMENTS // self.k_in // 128 * 128)
+        key = (x.device, self.dtype)
+        need = min(rows, self.n_out) * self.k_in
+        if key not in _scratch or _scratch[key].numel() < need:
+            _scratch[key] = torch.empty(need, dtype=self.dtype, device=x.device)
         out = torch.empty(x.shape[0], self.n_out, dtype=torch.float32, device=x.device)
         for r0 in range(0, self.n_out, rows):
             r1 = min(r0 + rows, self.n_out)
-            w = dequantize_rows(self.raw[r0:r1], self.qtype, r1 - r0, self.k_in, dtype=self.dtype, out=scratch)
+            w = dequantize_rows(self.raw[r0:r1], self.qtype, r1 - r0, self.k_in, dtype=self.dtype,
+                                out=_scratch[key])
             # The stream orders this matmul's read of the scratch before the next slice's write.
             _slice_matmul(x, w, out[:, r0:r1])
         return out
-
-    def _slice_rows(self, elements: int, at_most: int) -> int:
-        """Rows of a dequantized slice: within `elements` values and `at_most` rows, in whole
-        multiples of 128 (an output slice whose row stride is not 16-byte aligned sends cuBLAS
-        to its pre-Hopper kernels: measured 3x slower on an H200)."""
-        return max(128, min(elements // self.k_in, at_most) // 128 * 128)
-
-    def _pipelined(self, x: torch.Tensor) -> torch.Tensor:
-        """The prefill matmul with the dequantizing of slice i + 1 (bytes-bound) on a side stream
-        while slice i's matmul (math-bound) runs: at ub 512 the dequantized bf16 writes are
-        ~30% of the time of dequantize + matmul, paid in series on one stream. Two scratch
-        buffers; each slice's matmul waits for its dequantize, and a buffer is rewritten only
-        after the matmul that read it: the two halves of the one-stream path's scratch, so no
-        more memory. At least PIPELINE slices per matrix."""
-        from .kernels.dequant import dequantize_rows
-        main = torch.cuda.current_stream(x.device)
-        side = _side_stream(x.device)
-        rows = self._slice_rows(SCRATCH_ELEMENTS // 2, -(-self.n_out // PIPELINE))
-        half = min(rows, self.n_out) * self.k_in
-        scratch = _scratch_buffer(x.device, self.dtype, 2 * half)
-        bufs = (scratch[:half], scratch[half:2 * half])
-        out = torch.empty(x.shape[0], self.n_out, dtype=torch.float32, device=x.device)
-        side.wait_stream(main)  # earlier matmuls on main may still read the buffers
-        done = []
-        for i, r0 in enumerate(range(0, self.n_out, rows)):
-            r1 = min(r0 + rows, self.n_out)
-            with torch.cuda.stream(side):
-                if i >= 2:
-                    side.wait_event(done[i - 2])  # the matmul that read this buffer has run
-                w = dequantize_rows(self.raw[r0:r1], self.qtype, r1 - r0, self.k_in, dtype=self.dtype,
-                                    out=bufs[i % 2])
-                ready = torch.cuda.Event()
-                ready.record(side)
-            main.wait_event(ready)
-            _slice_matmul(x, w, out[:, r0:r1])
-            done.append(torch.cuda.Event())
-            done[-1].record(main)
-        return out
-
-
-def _scratch_buffer(device: torch.device, dtype: torch.dtype, need: int) -> torch.Tensor:
-    key = (device, dtype)
-    if key not in _scratch or _scratch[key].numel() < need:
-        _scratch[key] = torch.empty(need, dtype=dtype, device=device)
-    return _scratch[key]
-
-
-_side: dict[torch.device, "torch.cuda.Stream"] = {}
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    if device not in _side:
-        _side[device] = torch.cuda.Stream(device)
-    return _side[device]
 
 
 def _slice_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
     """out (float32, a column slice) = x @ w.T for 16-bit x and w."""
     if F32_OUT and x.is_cuda and w.dtype != torch.float32:
-        # cuBLAS writes its f32 accumulators into the slice: no 16-bit product to round and
-        # then widen in a second kernel (6 bytes per output value of extra traffic).
+        # cuBLAS writes its f32 accumulators straight into the output's column slice: no
+        # 16-bit product rounded, then widened and copied by a second kernel.
         torch.mm(x, w.t(), out_dtype=torch.float32, out=out)
     else:
         out.copy_(F.linear(x, w))
