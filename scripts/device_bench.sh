@@ -64,12 +64,15 @@ for st in $STAGES; do case $st in
           --no-profile > "$OUT/pdl$v-$sh.txt" 2>&1
       echo "$sh PDL=$v: $(grep -E "graphs|rror" "$OUT/pdl$v-$sh.txt" | tail -1)" | tee -a "$SUM"; done; done ;;
   envab)  # decode t/s (depth 512, graphs) under each value of a knob: ABVAR=TPRUNTIME_Q8_PPS ABVALS="0 16";
-    # or under each set of knobs: ABSETS="VAR=V+VAR2=V2 VAR=V" (one run per set, in order)
+    # or under each set of knobs: ABSETS="VAR=V+VAR2=V2 VAR=V" (one run per set, in order);
+    # PUB=512: prefill chunks of PUB tokens (at depth 0 and PUB, the warm pair) instead of decode
     sets=${ABSETS:-}; [ -n "$sets" ] || for v in ${ABVALS:-0 1}; do sets="$sets ${ABVAR:-TPRUNTIME_PDL}=$v"; done
+    if [ -n "${PUB:-}" ]; then run="--prefill $PUB --depth $PUB"; pat="^prefill|rror"; last=2
+    else run="--depth 512 --steps 50"; pat="graphs|rror"; last=1; fi
     for sh in ${DSHAPES:-qwen3-8b}; do i=0; for s in $sets; do i=$((i + 1))
-      env ${s//+/ } timeout 200 python3 scripts/profile_decode.py "$(model $sh)" --depth 512 \
-          --steps 50 --no-profile > "$OUT/ab-$i-$sh.txt" 2>&1
-      echo "$sh $s: $(grep -E "graphs|rror" "$OUT/ab-$i-$sh.txt" | tail -1)" | tee -a "$SUM"; done; done ;;
+      env ${s//+/ } timeout 200 python3 scripts/profile_decode.py "$(model $sh)" $run --no-profile \
+          > "$OUT/ab-$i-$sh.txt" 2>&1
+      echo "$sh $s: $(grep -E "$pat" "$OUT/ab-$i-$sh.txt" | tail -$last | tr '\n' ' ')" | tee -a "$SUM"; done; done ;;
   pprof)  # where a prefill chunk's time goes (ub 2048, depth 0 and 2048)
     for sh in ${PSHAPES:-qwen3-8b qwen3-32b}; do
       timeout 300 python3 scripts/profile_decode.py "$(model $sh)" --prefill 2048 --depth 2048 > "$OUT/pprof-$sh.txt" 2>&1
