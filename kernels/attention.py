@@ -397,9 +397,9 @@ def decode_attention_qkv(qkv: torch.Tensor, n_head: int, k_cache: torch.Tensor, 
     # kernel reads before it waits)
     if not all(t is None or t.is_contiguous() for t in (qkv, cos, sin, bias, q_norm, k_norm)):
         raise ValueError("decode_attention_qkv: qkv, the rope tables, norm weights and bias must be contiguous")
-    pro = dict(qkv=qkv, bias=bias, q_norm=q_norm, k_norm=k_norm, cos=cos, sin=sin, rope_dim=rope_dim,
-               neox=bool(neox), eps=float(eps))
-    return _attend(pro["qkv"], n_head, head_dim, k_cache, v_cache, n_keys, scale, window, chunk, dot, q8, pro)
+    pro = dict(bias=bias, q_norm=q_norm, k_norm=k_norm, cos=cos, sin=sin, rope_dim=rope_dim, neox=bool(neox),
+               eps=float(eps))
+    return _attend(qkv, n_head, head_dim, k_cache, v_cache, n_keys, scale, window, chunk, dot, q8, pro)
 
 
 def _attend(q, n_head, head_dim, k_cache, v_cache, n_keys, scale, window, chunk, dot, q8, pro: dict | None):
