@@ -3,7 +3,7 @@
 # sweep-bench table on synthetic qwen3-8b / qwen3-32b files (Q4_K weights, Q6_K output, gpt-2
 # vocabulary), the kernel path against the dequantized-bf16 torch path, and a decode profile.
 #   STAGES="tests bench8 base8 bench32 long32 profile" bash scripts/device_bench.sh
-# (also: pdlab, envab, pprof, dqbench, q8bench, kbench, ncu; allreduce on a multi-GPU kind)
+# (also: pdlab, envab, pprof, dqbench, q8bench, qmmbench, kbench, ncu; allreduce on a multi-GPU kind)
 # (carry .whl and .dev/ggml-vocab-gpt-2.gguf). Logs under $OUT; the last lines are a summary.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -107,6 +107,9 @@ for st in $STAGES; do case $st in
       echo "ncu $sh: rc $?" | tee -a "$SUM"
       grep -E "^  [a-z_0-9]+.*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
           "$OUT/ncu-$sh.txt" | head -200 >> "$SUM"; done ;;
+  qmmbench)  # the prefill matmul dequantizing in its K loop against dequantize + cuBLAS (QMMARGS: more flags)
+    timeout ${QMMTIME:-420} python3 scripts/bench_qmatmul.py --out "$OUT/qmm" ${QMMARGS:-} > "$OUT/qmmbench.txt" 2>&1
+    grep -E "^best|rror" "$OUT/qmmbench.txt" | tail -40 | tee -a "$SUM" ;;
   kbench)
     timeout 200 python3 scripts/bench_attention.py > "$OUT/bench_attention.txt" 2>&1
     tail -20 "$OUT/bench_attention.txt" | tee -a "$SUM" ;;

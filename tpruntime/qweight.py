@@ -37,6 +37,9 @@ _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 # (torch.mm takes out_dtype from torch 2.8 on; older ones keep the copy.)
 F32_OUT = (os.environ.get("TPRUNTIME_MM_F32_OUT", "1") != "0"
            and "dtype_out" in torch.ops.aten.mm.overloads())
+# Batches of up to this many tokens (and more than GEMV_MAX_TOKENS) go through the matmul that
+# dequantizes in its K loop (kernels/qmatmul.py) instead of the scratch + cuBLAS path; 0: never.
+QMATMUL_MAX_TOKENS = int(os.environ.get("TPRUNTIME_QMATMUL_MAX", "0"))
 
 
 class Int8Request(NamedTuple):
@@ -109,6 +112,11 @@ class QuantWeight:
         from .kernels.gemv_q8 import split_k
         return Int8Request(self.n_out if split_k(self.qtype, self.n_out, self.k_in) > 1 else 0)
 
+    def _fused_prefill(self, x: torch.Tensor) -> bool:
+        from .kernels.common import interpreting
+        from .kernels.qmatmul import SUPPORTED, X_DTYPES
+        return self.qtype in SUPPORTED and x.dtype in X_DTYPES and (x.is_cuda or interpreting())
+
     def __call__(self, x: "torch.Tensor | QuantizedX") -> torch.Tensor:
         """x [T, k_in] (or one token with its int8 form) -> float32 [T, n_out]."""
         from .kernels.dequant import dequantize_rows
@@ -123,6 +131,9 @@ class QuantWeight:
         if x.shape[0] <= GEMV_MAX_TOKENS:
             return qgemv(x, self.raw, self.qtype, self.n_out, self.k_in)
         x = x.to(self.dtype)
+        if x.shape[0] <= QMATMUL_MAX_TOKENS and self._fused_prefill(x):
+            from .kernels.qmatmul import qmatmul
+            return qmatmul(x, self.raw, self.qtype, self.n_out, self.k_in)
         # Whole multiples of 128 rows: an output slice whose row stride is not 16-byte aligned
         # sends cuBLAS to its pre-Hopper kernels (measured 3x slower on an H200).
         rows = max(128, SCRATCH_ELEMENTS // self.k_in // 128 * 128)
