@@ -213,6 +213,24 @@ def _dec_q45_0(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr, Q5:
 
 
 @triton.jit
+def decode(w_ptr, blk, gi, jj, m, MASK: tl.constexpr, ASM: tl.constexpr, QT: tl.constexpr):
+    """The decoder of GGML type QT (its integer value), as (fl, fh, a_lo, a_hi, b_lo, b_hi)."""
+    if QT == 12:
+        fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_k(w_ptr, blk, gi, jj, m, MASK, ASM, False)
+    elif QT == 13:
+        fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_k(w_ptr, blk, gi, jj, m, MASK, ASM, True)
+    elif QT == 14:
+        fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q6_k(w_ptr, blk, gi, jj, m, MASK, ASM)
+    elif QT == 8:
+        fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q8_0(w_ptr, blk, gi, jj, m, MASK, ASM)
+    elif QT == 2:
+        fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_0(w_ptr, blk, gi, jj, m, MASK, ASM, False)
+    else:
+        fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_0(w_ptr, blk, gi, jj, m, MASK, ASM, True)
+    return fl, fh, a_lo, a_hi, b_lo, b_hi
+
+
+@triton.jit
 def _x_offsets(kb, gi, jj, QT: tl.constexpr):
     """x index of the low-half values of a tile, and the distance to the high half."""
     if QT == 12 or QT == 13:
@@ -333,18 +351,7 @@ def _qgemv_kernel(x_ptr, w_ptr, y_ptr, T, N, NB, row_bytes, stride_x, n_iter,
                     sxh = sxh + (tl.sum(xb, axis=3, keep_dims=True),)
             for r in tl.static_range(BN):
                 blk = rows[r] + kb * TS
-                if QT == 12:
-                    fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_k(w_ptr, blk, gi, jj, m, MASK, ASM, False)
-                elif QT == 13:
-                    fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_k(w_ptr, blk, gi, jj, m, MASK, ASM, True)
-                elif QT == 14:
-                    fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q6_k(w_ptr, blk, gi, jj, m, MASK, ASM)
-                elif QT == 8:
-                    fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q8_0(w_ptr, blk, gi, jj, m, MASK, ASM)
-                elif QT == 2:
-                    fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_0(w_ptr, blk, gi, jj, m, MASK, ASM, False)
-                else:
-                    fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_0(w_ptr, blk, gi, jj, m, MASK, ASM, True)
+                fl, fh, a_lo, a_hi, b_lo, b_hi = decode(w_ptr, blk, gi, jj, m, MASK, ASM, QT)
                 for t in tl.static_range(TG):
                     pl = _dot(fl, xl, t, CHAIN, D0, D1, D2, V, LV)
                     ph = _dot(fh, xh, t, CHAIN, D0, D1, D2, V, LV)

@@ -27,7 +27,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
 from tpruntime.kernels.common import interpreting
-from tpruntime.kernels.gemv import _TYPE, _dec_q6_k, _dec_q8_0, _dec_q45_0, _dec_q45_k, _use_asm, _x_offsets
+from tpruntime.kernels.gemv import _TYPE, _use_asm, _x_offsets, decode
 
 SUPPORTED = frozenset(_TYPE)
 X_DTYPES = (torch.bfloat16, torch.float16)
@@ -78,18 +78,7 @@ def _qmm_kernel(x_ptr, w_ptr, out_ptr, M, N, NB, row_bytes, stride_x, stride_o, 
             gi1 = g1
         blk = rbase + kb3 * TS
         m3 = kb3 < NB
-        if QT == 12:
-            fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_k(w_ptr, blk, gi3, j3, m3, False, ASM, False)
-        elif QT == 13:
-            fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_k(w_ptr, blk, gi3, j3, m3, False, ASM, True)
-        elif QT == 14:
-            fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q6_k(w_ptr, blk, gi3, j3, m3, False, ASM)
-        elif QT == 8:
-            fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q8_0(w_ptr, blk, gi3, j3, m3, MASK_K, ASM)
-        elif QT == 2:
-            fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_0(w_ptr, blk, gi3, j3, m3, MASK_K, ASM, False)
-        else:
-            fl, fh, a_lo, a_hi, b_lo, b_hi = _dec_q45_0(w_ptr, blk, gi3, j3, m3, MASK_K, ASM, True)
+        fl, fh, a_lo, a_hi, b_lo, b_hi = decode(w_ptr, blk, gi3, j3, m3, MASK_K, ASM, QT)
         if QT == 8:
             wl = fl * a_lo
             wh = fh * a_hi
