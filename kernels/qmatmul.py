@@ -19,6 +19,8 @@ are the GEMV's: F = a float made from the quant bits, w = a * F - b per sub-bloc
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import torch
 import triton
@@ -30,6 +32,7 @@ from tpruntime.kernels.common import interpreting
 from tpruntime.kernels.gemv import _TYPE, _use_asm, _x_offsets, decode
 
 SUPPORTED = frozenset(_TYPE)
+_ENV_CONFIG = json.loads(os.environ.get("TPRUNTIME_QMATMUL_CONFIG", "{}"))
 X_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -126,8 +129,11 @@ def _qmm_kernel(x_ptr, w_ptr, out_ptr, M, N, NB, row_bytes, stride_x, stride_o, 
 def default_config(qtype: Q, n_out: int, k_in: int, m: int) -> dict:
     """BN weight rows x BM tokens per program, GS groups (or blocks) per K step, warps and
     pipeline stages, and which MMA operand the weights are (W_LEFT: the register one).
-    Untuned placeholder until a GPU sweep (scripts/bench_qmatmul.py)."""
-    return dict(BM=128, BN=128, GS=1, num_warps=8, num_stages=3, W_LEFT=True)
+    Untuned placeholder until a GPU sweep (scripts/bench_qmatmul.py). TPRUNTIME_QMATMUL_CONFIG
+    (JSON, e.g. {"BM":64}) overrides it everywhere, for timing a whole prefill with another tile."""
+    cfg = dict(BM=128, BN=128, GS=1, num_warps=8, num_stages=3, W_LEFT=True)
+    cfg.update(_ENV_CONFIG)
+    return cfg
 
 
 @functools.lru_cache(maxsize=4096)

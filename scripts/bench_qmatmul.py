@@ -102,6 +102,19 @@ def main() -> None:
     with open(os.path.join(args.out, "qmatmul.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(table)
+    # the configuration with the least time summed over the shapes at the first M (what a prefill
+    # chunk of that size pays), for TPRUNTIME_QMATMUL_CONFIG in a whole-model run
+    m0 = args.tokens[0]
+    sums = {}
+    for r in results:
+        if r["cfg"] is not None and r["m"] == m0 and r["err"] < 2e-3:
+            sums.setdefault(json.dumps(r["cfg"], separators=(",", ":")), []).append(r["ms"])
+    full = {c: sum(v) for c, v in sums.items() if len(v) == len(args.shapes)}
+    if full:
+        best = min(full, key=full.get)
+        with open(os.path.join(args.out, "best-config.json"), "w") as f:
+            f.write(best)
+        print(f"best overall at M={m0}: {best} {full[best]:.3f} ms summed over {len(args.shapes)} shapes")
     # per shape and M: the fastest qmatmul configuration against the two cuBLAS paths
     for key in dict.fromkeys((r["shape"], r["m"]) for r in results):
         rs = [r for r in results if (r["shape"], r["m"]) == key]
