@@ -28,12 +28,31 @@ import triton.language as tl
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
+from tpruntime.errors import TpError
+from tpruntime.kernels import QUANT_KERNEL_TYPES
 from tpruntime.kernels.common import interpreting
 from tpruntime.kernels.gemv import _TYPE, _use_asm, _x_offsets, decode
 
-SUPPORTED = frozenset(_TYPE)
-_ENV_CONFIG = json.loads(os.environ.get("TPRUNTIME_QMATMUL_CONFIG", "{}"))
+SUPPORTED = QUANT_KERNEL_TYPES
 X_DTYPES = (torch.bfloat16, torch.float16)
+_DEFAULT = dict(BM=128, BN=128, GS=1, num_warps=8, num_stages=3, W_LEFT=True)
+
+
+def parse_config(text: str) -> dict:
+    """TPRUNTIME_QMATMUL_CONFIG: a JSON object of default_config keys, e.g. {"BM":64} ("" for none)."""
+    try:
+        cfg = json.loads(text or "{}")
+        if not isinstance(cfg, dict):
+            raise ValueError
+    except ValueError:
+        raise TpError(f"TPRUNTIME_QMATMUL_CONFIG: {text!r} is not a JSON object such as {{\"BM\":64}}") from None
+    unknown = sorted(set(cfg) - set(_DEFAULT))
+    if unknown:
+        raise TpError(f"TPRUNTIME_QMATMUL_CONFIG: unknown keys {unknown} (known: {', '.join(_DEFAULT)})")
+    return cfg
+
+
+_ENV_CONFIG = parse_config(os.environ.get("TPRUNTIME_QMATMUL_CONFIG", ""))
 
 
 @triton.jit
@@ -118,12 +137,10 @@ def _qmm_kernel(x_ptr, w_ptr, out_ptr, M, N, NB, row_bytes, stride_x, stride_o, 
         else:
             acc = tl.dot(xl, wl, acc)
             acc = tl.dot(xh, wh, acc)
-    rn_s = pid_n * BN + tl.arange(0, BN)
     if W_LEFT:
-        tl.store(out_ptr + rm[None, :] * stride_o + rn_s[:, None], acc, mask=(rn_s < N)[:, None] & mmask)
+        tl.store(out_ptr + rm[None, :] * stride_o + rn[:, None], acc, mask=(rn < N)[:, None] & mmask)
     else:
-        tl.store(out_ptr + rm[:, None] * stride_o + rn_s[None, :], acc,
-                 mask=(rn_s < N)[None, :] & mcol)
+        tl.store(out_ptr + rm[:, None] * stride_o + rn[None, :], acc, mask=(rn < N)[None, :] & mcol)
 
 
 def default_config(qtype: Q, n_out: int, k_in: int, m: int) -> dict:
@@ -131,7 +148,7 @@ def default_config(qtype: Q, n_out: int, k_in: int, m: int) -> dict:
     pipeline stages, and which MMA operand the weights are (W_LEFT: the register one).
     Untuned placeholder until a GPU sweep (scripts/bench_qmatmul.py). TPRUNTIME_QMATMUL_CONFIG
     (JSON, e.g. {"BM":64}) overrides it everywhere, for timing a whole prefill with another tile."""
-    cfg = dict(BM=128, BN=128, GS=1, num_warps=8, num_stages=3, W_LEFT=True)
+    cfg = dict(_DEFAULT)
     cfg.update(_ENV_CONFIG)
     return cfg
 
@@ -160,7 +177,8 @@ def _plan(qtype: Q, n_out: int, k_in: int, m: int, asm: bool, config: tuple) -> 
     bm = max(16, min(cfg["BM"], triton.next_power_of_2(m)))
     n_m = triton.cdiv(m, bm)
     kw = dict(QT=int(qtype), TS=ts, G=g, J=j, GS=gs, BM=bm, BN=cfg["BN"], MASK_K=g == 1 and nb % gs != 0,
-              I64=n_out * row_bytes >= 2**31 or m * max(k_in, n_out) >= 2**31, ASM=asm, F32_DOT=interpreting(), W_LEFT=bool(cfg["W_LEFT"]),
+              I64=n_out * row_bytes >= 2**31 or m * max(k_in, n_out) >= 2**31, ASM=asm, F32_DOT=interpreting(),
+              W_LEFT=bool(cfg["W_LEFT"]),
               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (n_m * triton.cdiv(n_out, cfg["BN"]),), (nb, row_bytes, n_m, n_steps), n_out * row_bytes, kw
 
@@ -198,4 +216,4 @@ def qmatmul(x: torch.Tensor, w_raw: torch.Tensor, qtype, n_out: int, k_in: int, 
     return out
 
 
-__all__ = ["SUPPORTED", "X_DTYPES", "qmatmul", "default_config"]
+__all__ = ["SUPPORTED", "X_DTYPES", "qmatmul", "default_config", "parse_config"]

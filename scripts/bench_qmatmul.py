@@ -64,7 +64,11 @@ def main() -> None:
         for m in args.tokens:
             x = torch.randn(m, k, device=dev).to(torch.bfloat16)
             flop = 2.0 * m * n * k
-            ref = torch.mm(x, wd.t(), out_dtype=torch.float32) if qweight.F32_OUT else (x @ wd.t()).float()
+
+            def dense_mm():
+                return torch.mm(x, wd.t(), out_dtype=torch.float32) if qweight.F32_OUT else (x @ wd.t()).float()
+
+            ref = dense_mm()
             scale = float(ref.abs().max())
 
             def tf(ms):
@@ -88,8 +92,7 @@ def main() -> None:
             qweight.QMATMUL_MAX_TOKENS = 0
             add("dequant+cuBLAS", lambda: wq(x))
             qweight.QMATMUL_MAX_TOKENS = saved
-            add("cuBLAS bf16 (no dequant)", lambda: torch.mm(x, wd.t(), out_dtype=torch.float32)
-                if qweight.F32_OUT else (x @ wd.t()).float())
+            add("cuBLAS bf16 (no dequant)", dense_mm)
             add(f"qmatmul default {default_config(qt, n, k, m)}", lambda: qmatmul(x, raw, qt, n, k))
             if args.sweep:
                 for cfg in SWEEP:

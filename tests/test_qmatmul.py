@@ -120,6 +120,23 @@ def test_rejects_bad_input():
     assert qmatmul(x[:0], raw, Q.Q4_K, 2, 256).shape == (0, 2)
 
 
+def test_env_knobs_reject_bad_values(monkeypatch):
+    """The two tuning knobs fail as one-line user errors, not as a bug's exception."""
+    from tpruntime import qweight
+    from tpruntime.errors import TpError
+    from tpruntime.kernels.qmatmul import parse_config
+    assert parse_config("") == {} and parse_config('{"BM":64,"W_LEFT":false}') == {"BM": 64, "W_LEFT": False}
+    for bad, msg in (("{BM:64}", "not a JSON object"), ("[1]", "not a JSON object"), ('{"BB":4}', "unknown keys")):
+        with pytest.raises(TpError, match=f"TPRUNTIME_QMATMUL_CONFIG: .*{msg}"):
+            parse_config(bad)
+    monkeypatch.setenv("TPRUNTIME_QMATMUL_MAX", "512")
+    assert qweight.env_tokens("TPRUNTIME_QMATMUL_MAX") == 512
+    for bad in ("abc", "-1", "1.5"):
+        monkeypatch.setenv("TPRUNTIME_QMATMUL_MAX", bad)
+        with pytest.raises(TpError, match="TPRUNTIME_QMATMUL_MAX: .* is not a token count"):
+            qweight.env_tokens("TPRUNTIME_QMATMUL_MAX")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

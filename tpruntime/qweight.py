@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 
+from .errors import TpError
 from .kernels import QUANT_KERNEL_TYPES
 from .tensors import TensorSpec
 
@@ -39,7 +40,15 @@ F32_OUT = (os.environ.get("TPRUNTIME_MM_F32_OUT", "1") != "0"
            and "dtype_out" in torch.ops.aten.mm.overloads())
 # Batches of up to this many tokens (and more than GEMV_MAX_TOKENS) go through the matmul that
 # dequantizes in its K loop (kernels/qmatmul.py) instead of the scratch + cuBLAS path; 0: never.
-QMATMUL_MAX_TOKENS = int(os.environ.get("TPRUNTIME_QMATMUL_MAX", "0"))
+def env_tokens(name: str) -> int:
+    """A token-count knob from the environment (unset: 0)."""
+    text = os.environ.get(name, "0")
+    if not text.strip().isdigit():
+        raise TpError(f"{name}: {text!r} is not a token count (a whole number, 0 for off)")
+    return int(text)
+
+
+QMATMUL_MAX_TOKENS = env_tokens("TPRUNTIME_QMATMUL_MAX")
 
 
 class Int8Request(NamedTuple):
