@@ -174,6 +174,12 @@ def _plan(qtype: Q, n_out: int, k_in: int, m: int, asm: bool, config: tuple) -> 
         n_steps = nb * (g // gs)
     else:
         n_steps = triton.cdiv(nb, gs)
+    # Q5_0's asm decoder takes the bit position of all four values it packs from the first, so it
+    # needs a thread's four values consecutive along the block (the GEMV's layouts). Its 22-byte
+    # blocks only align loads to 2 bytes, so Triton's layout here gives a thread 2 consecutive values
+    # and the asm packs two such pairs from different rows (sizePerThread [1, 1, 2] in the TTGIR;
+    # wrong sums on an H100). The plain decoder is layout-free.
+    asm = asm and qtype != Q.Q5_0
     bm = max(16, min(cfg["BM"], triton.next_power_of_2(m)))
     n_m = triton.cdiv(m, bm)
     kw = dict(QT=int(qtype), TS=ts, G=g, J=j, GS=gs, BM=bm, BN=cfg["BN"], MASK_K=g == 1 and nb % gs != 0,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 import traceback
 
 import numpy as np
@@ -41,7 +42,11 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--peak", type=float, default=989.0, help="bf16 dense TFLOP/s of the device")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="seconds after which the sweep stops timing new configurations (0: none), so a call "
+                         "with a hard time limit still writes its tables and best configuration")
     args = ap.parse_args()
+    t_start = time.monotonic()
 
     import triton
     from gguf.constants import GGML_QUANT_SIZES
@@ -96,6 +101,9 @@ def main() -> None:
             add(f"qmatmul default {default_config(qt, n, k, m)}", lambda: qmatmul(x, raw, qt, n, k))
             if args.sweep:
                 for cfg in SWEEP:
+                    if args.deadline and time.monotonic() - t_start > args.deadline:
+                        print(f"deadline: {shape} M={m} {cfg} and later configurations not timed", flush=True)
+                        continue
                     add(f"qmatmul {cfg}", lambda cfg=cfg: qmatmul(x, raw, qt, n, k, config=cfg), cfg)
     head = "| shape | M | path | ms | TFLOP/s | % peak | check |\n|---|---|---|---|---|---|---|"
     table = "\n".join([head] + rows)

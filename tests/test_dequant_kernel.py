@@ -209,23 +209,35 @@ def test_gpu_cuda_graph():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("f32_out", [True, False], ids=["mm-f32-out", "linear"])
-def test_gpu_prefill_matmul_in_slices(f32_out, monkeypatch):
+@pytest.mark.parametrize("f32_out,overlap", [(True, 0), (False, 0), (True, 1), (True, 2)],
+                         ids=["mm-f32-out", "linear", "overlap1", "overlap2"])
+def test_gpu_prefill_matmul_in_slices(f32_out, overlap, monkeypatch):
     """A prefill matmul over a matrix dequantized in several scratch slices (the last one short)
     equals the float64 product with the bf16 weights it dequantized, written by cuBLAS in f32
-    (the default) or converted from a bf16 product; two calls back to back."""
+    (the default) or converted from a bf16 product. Two matrices called in turn and then out of
+    turn: with TPRUNTIME_PREFILL_OVERLAP the slices are dequantized on a side stream into two
+    buffers (2: the next matrix's first slice too, as learned from the previous calls, and a
+    wrong guess is dropped); a missing wait or a buffer overwritten too early changes the sums."""
     from tpruntime import qweight
     monkeypatch.setattr(qweight, "F32_OUT", f32_out)
+    monkeypatch.setattr(qweight, "PREFILL_OVERLAP", overlap)
     monkeypatch.setattr(qweight, "SCRATCH_ELEMENTS", 256 * 1024)  # 256 rows a slice at k_in 1024
-    n_out, k_in = 640, 1024
-    raw = blocks(Q.Q4_K, n_out, k_in, 11)
-    w = qweight.QuantWeight(torch.from_numpy(raw).to(DEV), Q.Q4_K, n_out, k_in, torch.bfloat16)
+    monkeypatch.setattr(qweight, "_pipelines", {})
+    k_in = 1024
+    mats = {}
+    for name, qtype, n_out, seed in (("a", Q.Q4_K, 640, 11), ("b", Q.Q6_K, 1152, 12)):
+        raw = blocks(qtype, n_out, k_in, seed)
+        mats[name] = (qweight.QuantWeight(torch.from_numpy(raw).to(DEV), qtype, n_out, k_in, torch.bfloat16),
+                      dequantize(torch.from_numpy(raw), qtype, (n_out, k_in)).to(torch.bfloat16).to(DEV))
     x = torch.randn(64, k_in, device=DEV).to(torch.bfloat16)
-    w_bf16 = dequantize(torch.from_numpy(raw), Q.Q4_K, (n_out, k_in)).to(torch.bfloat16)  # what the scratch holds
-    outs = [w(xi) for xi in (x, -x)]  # back to back: the second call's dequantizing trails the first's matmul
-    for xi, out in zip((x, -x), outs):
-        ref = xi.double() @ w_bf16.to(DEV).double().T
-        assert out.dtype == torch.float32 and out.shape == (64, n_out)
+    # back to back: each call's dequantizing trails the previous call's matmul
+    calls = [("a", x), ("b", x), ("a", -x), ("b", -x), ("b", 2 * x), ("a", x), ("a", -x), ("b", x)]
+    outs = [mats[name][0](xi) for name, xi in calls]
+    for (name, xi), out in zip(calls, outs):
+        ref = xi.double() @ mats[name][1].double().T
+        assert out.dtype == torch.float32 and out.shape == (64, mats[name][0].n_out)
         err = float((out.double() - ref).norm() / ref.norm())
         # f32 accumulation of bf16 products: ~1e-6; a bf16-rounded product: ~2e-3
-        assert err < (1e-5 if f32_out else 5e-3), err
+        assert err < (1e-5 if f32_out else 5e-3), (name, err)
+    if overlap:
+        assert mats["a"][0].next_prefill is mats["b"][0]

@@ -49,6 +49,14 @@ def env_tokens(name: str) -> int:
 
 
 QMATMUL_MAX_TOKENS = env_tokens("TPRUNTIME_QMATMUL_MAX")
+# The dequantizing of a prefill slice streams HBM while its matmul is tensor-core bound (ub >=
+# 512), so they can share the GPU: 1 dequantizes the next slice on a side stream, into a second
+# scratch buffer, while the current one is multiplied; 2 also starts on the first slice of the
+# matrix that came next in the previous chunk (the call order of a forward pass repeats). 0: one
+# stream, one buffer. Not in a CUDA-graph capture (prefill is not captured; a capture falls back).
+PREFILL_OVERLAP = env_tokens("TPRUNTIME_PREFILL_OVERLAP")
+if "TPRUNTIME_SCRATCH_ELEMENTS" in os.environ:  # slice size for A/B runs (smaller: more overlap)
+    SCRATCH_ELEMENTS = env_tokens("TPRUNTIME_SCRATCH_ELEMENTS") or SCRATCH_ELEMENTS
 
 
 class Int8Request(NamedTuple):
@@ -90,6 +98,7 @@ class QuantWeight:
         self.raw = raw.reshape(n_out, k_in // block * type_size)
         self.qtype, self.n_out, self.k_in = Q(qtype), n_out, k_in
         self.dtype = dtype  # the compute dtype of the prefill matmul
+        self.next_prefill: QuantWeight | None = None  # the matrix the last prefill called after this one
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -128,7 +137,6 @@ class QuantWeight:
 
     def __call__(self, x: "torch.Tensor | QuantizedX") -> torch.Tensor:
         """x [T, k_in] (or one token with its int8 form) -> float32 [T, n_out]."""
-        from .kernels.dequant import dequantize_rows
         from .kernels.gemv import qgemv
         from .kernels.gemv_q8 import qgemv_q8
 
@@ -143,21 +151,101 @@ class QuantWeight:
         if x.shape[0] <= QMATMUL_MAX_TOKENS and self._fused_prefill(x):
             from .kernels.qmatmul import qmatmul
             return qmatmul(x, self.raw, self.qtype, self.n_out, self.k_in)
-        # Whole multiples of 128 rows: an output slice whose row stride is not 16-byte aligned
-        # sends cuBLAS to its pre-Hopper kernels (measured 3x slower on an H200).
-        rows = max(128, SCRATCH_ELEMENTS // self.k_in // 128 * 128)
+        out = torch.empty(x.shape[0], self.n_out, dtype=torch.float32, device=x.device)
+        if PREFILL_OVERLAP and x.is_cuda and not torch.cuda.is_current_stream_capturing():
+            _pipeline(x.device, self.dtype).matmul(self, x, out)
+            return out
         key = (x.device, self.dtype)
-        need = min(rows, self.n_out) * self.k_in
+        need = self._slices()[0][1] * self.k_in
         if key not in _scratch or _scratch[key].numel() < need:
             _scratch[key] = torch.empty(need, dtype=self.dtype, device=x.device)
-        out = torch.empty(x.shape[0], self.n_out, dtype=torch.float32, device=x.device)
-        for r0 in range(0, self.n_out, rows):
-            r1 = min(r0 + rows, self.n_out)
-            w = dequantize_rows(self.raw[r0:r1], self.qtype, r1 - r0, self.k_in, dtype=self.dtype,
-                                out=_scratch[key])
+        for r0, r1 in self._slices():
+            w = self._dequantize(r0, r1, _scratch[key])
             # The stream orders this matmul's read of the scratch before the next slice's write.
             _slice_matmul(x, w, out[:, r0:r1])
         return out
+
+    def _slices(self) -> list[tuple[int, int]]:
+        """Row ranges dequantized at once for a prefill matmul."""
+        # Whole multiples of 128 rows: an output slice whose row stride is not 16-byte aligned
+        # sends cuBLAS to its pre-Hopper kernels (measured 3x slower on an H200).
+        rows = max(128, SCRATCH_ELEMENTS // self.k_in // 128 * 128)
+        return [(r0, min(r0 + rows, self.n_out)) for r0 in range(0, self.n_out, rows)]
+
+    def _dequantize(self, r0: int, r1: int, scratch: torch.Tensor) -> torch.Tensor:
+        from .kernels.dequant import dequantize_rows
+        return dequantize_rows(self.raw[r0:r1], self.qtype, r1 - r0, self.k_in, dtype=self.dtype, out=scratch)
+
+
+class _Pipeline:
+    """Prefill matmuls of one device and dtype with the dequantizing on a side stream
+    (PREFILL_OVERLAP): two scratch buffers taken in turn; each has the event of the last matmul
+    that read it, which the side stream waits for before writing it again."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.side = torch.cuda.Stream(device)
+        self.bufs: list[torch.Tensor] = []
+        self.read = [torch.cuda.Event(), torch.cuda.Event()]
+        self.turn = 0  # the buffer the next matrix's first slice goes into
+        self.ahead: tuple | None = None  # (weight, event): its first slice, started early
+        self.last: QuantWeight | None = None
+
+    def _reserve(self, w: QuantWeight) -> None:
+        need = w._slices()[0][1] * w.k_in
+        if self.bufs and self.bufs[0].numel() >= need:
+            return
+        # Both streams finish with the old buffers before the allocator may hand them out again.
+        torch.cuda.current_stream(self.device).wait_stream(self.side)
+        self.bufs = [torch.empty(need, dtype=self.dtype, device=self.device) for _ in range(2)]
+        # The allocator orders the new memory after the main stream's earlier use of it only.
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        self.ahead = None
+
+    def _dequantize(self, w: QuantWeight, rows: tuple[int, int], buf: int) -> torch.cuda.Event:
+        with torch.cuda.stream(self.side):
+            self.side.wait_event(self.read[buf])
+            w._dequantize(*rows, self.bufs[buf])
+            done = torch.cuda.Event()
+            done.record(self.side)
+        return done
+
+    def matmul(self, w: QuantWeight, x: torch.Tensor, out: torch.Tensor) -> None:
+        main = torch.cuda.current_stream(self.device)
+        self._reserve(w)
+        if self.last is not None and self.last is not w:
+            self.last.next_prefill = w
+        self.last = w
+        slices = w._slices()
+        buf = self.turn
+        if self.ahead is not None and self.ahead[0] is w:
+            ready = self.ahead[1]
+        else:
+            ready = self._dequantize(w, slices[0], buf)
+        self.ahead = None
+        for i, (r0, r1) in enumerate(slices):
+            main.wait_event(ready)
+            _slice_matmul(x, self.bufs[buf].view(-1)[:(r1 - r0) * w.k_in].view(r1 - r0, w.k_in), out[:, r0:r1])
+            self.read[buf].record(main)
+            buf ^= 1
+            if i + 1 < len(slices):
+                ready = self._dequantize(w, slices[i + 1], buf)
+        self.turn = buf
+        nxt = w.next_prefill
+        if PREFILL_OVERLAP >= 2 and nxt is not None and nxt.n_out and nxt.k_in:
+            self._reserve(nxt)
+            if self.bufs:  # _reserve may have replaced them: the ahead slice goes into the new ones
+                self.ahead = (nxt, self._dequantize(nxt, nxt._slices()[0], buf))
+
+
+_pipelines: dict[tuple[torch.device, torch.dtype], _Pipeline] = {}
+
+
+def _pipeline(device: torch.device, dtype: torch.dtype) -> _Pipeline:
+    key = (device, dtype)
+    if key not in _pipelines:
+        _pipelines[key] = _Pipeline(device, dtype)
+    return _pipelines[key]
 
 
 def _slice_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
