@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--peak", type=float, default=989.0, help="bf16 dense TFLOP/s of the device")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep-max", type=int, default=len(SWEEP), help="time only the first N configurations of SWEEP")
     ap.add_argument("--deadline", type=float, default=0.0,
                     help="seconds after which the sweep stops timing new configurations (0: none), so a call "
                          "with a hard time limit still writes its tables and best configuration")
@@ -100,7 +101,7 @@ def main() -> None:
             add("cuBLAS bf16 (no dequant)", dense_mm)
             add(f"qmatmul default {default_config(qt, n, k, m)}", lambda: qmatmul(x, raw, qt, n, k))
             if args.sweep:
-                for cfg in SWEEP:
+                for cfg in SWEEP[:args.sweep_max]:
                     if args.deadline and time.monotonic() - t_start > args.deadline:
                         print(f"deadline: {shape} M={m} {cfg} and later configurations not timed", flush=True)
                         continue
