@@ -121,7 +121,7 @@ def test_rejects_bad_input():
 
 
 def test_env_knobs_reject_bad_values(monkeypatch):
-    """The two tuning knobs fail as one-line user errors, not as a bug's exception."""
+    """The tuning knobs fail as one-line user errors, not as a bug's exception."""
     from tpruntime import qweight
     from tpruntime.errors import TpError
     from tpruntime.kernels.qmatmul import parse_config
@@ -135,6 +135,12 @@ def test_env_knobs_reject_bad_values(monkeypatch):
         monkeypatch.setenv("TPRUNTIME_QMATMUL_MAX", bad)
         with pytest.raises(TpError, match="TPRUNTIME_QMATMUL_MAX: .* is not a token count"):
             qweight.env_tokens("TPRUNTIME_QMATMUL_MAX")
+    monkeypatch.setenv("TPRUNTIME_PREFILL_OVERLAP", "2")
+    assert qweight.env_level("TPRUNTIME_PREFILL_OVERLAP", 2) == 2
+    for bad in ("3", "on", "-1", ""):
+        monkeypatch.setenv("TPRUNTIME_PREFILL_OVERLAP", bad)
+        with pytest.raises(TpError, match="TPRUNTIME_PREFILL_OVERLAP: .* is not one of 0, 1, 2"):
+            qweight.env_level("TPRUNTIME_PREFILL_OVERLAP", 2)
 
 
 @pytest.mark.gpu

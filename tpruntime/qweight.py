@@ -10,6 +10,7 @@ there, where the math, not the bytes, is the cost (and no dequantized copy stays
 from __future__ import annotations
 
 import os
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -48,13 +49,21 @@ def env_tokens(name: str) -> int:
     return int(text)
 
 
+def env_level(name: str, top: int) -> int:
+    """A knob from the environment taking 0 (unset) to top."""
+    text = os.environ.get(name, "0")
+    if text.strip() not in [str(v) for v in range(top + 1)]:
+        raise TpError(f"{name}: {text!r} is not one of {', '.join(map(str, range(top + 1)))}")
+    return int(text)
+
+
 QMATMUL_MAX_TOKENS = env_tokens("TPRUNTIME_QMATMUL_MAX")
 # The dequantizing of a prefill slice streams HBM while its matmul is tensor-core bound (ub >=
 # 512), so they can share the GPU: 1 dequantizes the next slice on a side stream, into a second
 # scratch buffer, while the current one is multiplied; 2 also starts on the first slice of the
 # matrix that came next in the previous chunk (the call order of a forward pass repeats). 0: one
 # stream, one buffer. Not in a CUDA-graph capture (prefill is not captured; a capture falls back).
-PREFILL_OVERLAP = env_tokens("TPRUNTIME_PREFILL_OVERLAP")
+PREFILL_OVERLAP = env_level("TPRUNTIME_PREFILL_OVERLAP", 2)
 if "TPRUNTIME_SCRATCH_ELEMENTS" in os.environ:  # slice size for A/B runs (smaller: more overlap)
     SCRATCH_ELEMENTS = env_tokens("TPRUNTIME_SCRATCH_ELEMENTS") or SCRATCH_ELEMENTS
 
@@ -98,7 +107,8 @@ class QuantWeight:
         self.raw = raw.reshape(n_out, k_in // block * type_size)
         self.qtype, self.n_out, self.k_in = Q(qtype), n_out, k_in
         self.dtype = dtype  # the compute dtype of the prefill matmul
-        self.next_prefill: QuantWeight | None = None  # the matrix the last prefill called after this one
+        # the matrix that the last prefill called after this one (TPRUNTIME_PREFILL_OVERLAP=2)
+        self.next_prefill: weakref.ref | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -179,8 +189,10 @@ class QuantWeight:
 
 class _Pipeline:
     """Prefill matmuls of one device and dtype with the dequantizing on a side stream
-    (PREFILL_OVERLAP): two scratch buffers taken in turn; each has the event of the last matmul
-    that read it, which the side stream waits for before writing it again."""
+    (PREFILL_OVERLAP): two scratch buffers taken in turn (twice the one-stream path's scratch,
+    outside the memory plan like it); each has the event of the last matmul that read it, which
+    the side stream waits for before writing it again. Weights are held by weak references only:
+    the learned order must not keep a dropped model's matrices on the GPU."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
@@ -188,22 +200,27 @@ class _Pipeline:
         self.bufs: list[torch.Tensor] = []
         self.read = [torch.cuda.Event(), torch.cuda.Event()]
         self.turn = 0  # the buffer the next matrix's first slice goes into
-        self.ahead: tuple | None = None  # (weight, event): its first slice, started early
-        self.last: QuantWeight | None = None
+        self.ahead: tuple | None = None  # (weight ref, rows, event): a first slice started early
+        self.last: weakref.ref | None = None  # the previous call's matrix (level 2 learns the order)
+        self.seen: weakref.WeakSet = weakref.WeakSet()  # matrices whose bytes the side stream waited for
 
     def _reserve(self, w: QuantWeight) -> None:
         need = w._slices()[0][1] * w.k_in
         if self.bufs and self.bufs[0].numel() >= need:
             return
-        # Both streams finish with the old buffers before the allocator may hand them out again.
-        torch.cuda.current_stream(self.device).wait_stream(self.side)
         self.bufs = [torch.empty(need, dtype=self.dtype, device=self.device) for _ in range(2)]
+        for b in self.bufs:  # when replaced, freed only after the side stream's work on them
+            b.record_stream(self.side)
         # The allocator orders the new memory after the main stream's earlier use of it only.
         self.side.wait_stream(torch.cuda.current_stream(self.device))
         self.ahead = None
 
     def _dequantize(self, w: QuantWeight, rows: tuple[int, int], buf: int) -> torch.cuda.Event:
+        main = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.side):
+            if w not in self.seen:  # its bytes were written on the main stream (load, concatenation)
+                self.side.wait_stream(main)
+                self.seen.add(w)
             self.side.wait_event(self.read[buf])
             w._dequantize(*rows, self.bufs[buf])
             done = torch.cuda.Event()
@@ -213,13 +230,14 @@ class _Pipeline:
     def matmul(self, w: QuantWeight, x: torch.Tensor, out: torch.Tensor) -> None:
         main = torch.cuda.current_stream(self.device)
         self._reserve(w)
-        if self.last is not None and self.last is not w:
-            self.last.next_prefill = w
-        self.last = w
+        last = self.last() if self.last is not None else None
+        if PREFILL_OVERLAP >= 2 and last is not None and last is not w:
+            last.next_prefill = weakref.ref(w)
+        self.last = weakref.ref(w)
         slices = w._slices()
         buf = self.turn
-        if self.ahead is not None and self.ahead[0] is w:
-            ready = self.ahead[1]
+        if self.ahead is not None and self.ahead[0]() is w and self.ahead[1] == slices[0]:
+            ready = self.ahead[2]
         else:
             ready = self._dequantize(w, slices[0], buf)
         self.ahead = None
@@ -231,11 +249,11 @@ class _Pipeline:
             if i + 1 < len(slices):
                 ready = self._dequantize(w, slices[i + 1], buf)
         self.turn = buf
-        nxt = w.next_prefill
+        nxt = w.next_prefill() if w.next_prefill is not None else None
         if PREFILL_OVERLAP >= 2 and nxt is not None and nxt.n_out and nxt.k_in:
-            self._reserve(nxt)
-            if self.bufs:  # _reserve may have replaced them: the ahead slice goes into the new ones
-                self.ahead = (nxt, self._dequantize(nxt, nxt._slices()[0], buf))
+            self._reserve(nxt)  # (new buffers, if any: the ahead slice goes into them)
+            rows = nxt._slices()[0]
+            self.ahead = (weakref.ref(nxt), rows, self._dequantize(nxt, rows, buf))
 
 
 _pipelines: dict[tuple[torch.device, torch.dtype], _Pipeline] = {}
