@@ -36,6 +36,11 @@ from tpruntime.kernels.gemv import _TYPE, _use_asm, _x_offsets, decode
 SUPPORTED = QUANT_KERNEL_TYPES
 X_DTYPES = (torch.bfloat16, torch.float16)
 _DEFAULT = dict(BM=128, BN=128, GS=1, num_warps=8, num_stages=3, W_LEFT=True)
+# The fastest single tile over qwen3-32b's four Q4_K matrices, per batch size, from the sweep
+# on an H100 (docs/benchmarks.md, twelfth session): (largest M, tile).
+_TUNED = ((64, dict(BM=64, BN=64, GS=2, num_warps=4, num_stages=4)),
+          (128, dict(BM=128, BN=64, GS=1, num_warps=4, num_stages=3)),
+          (512, dict(BM=128, BN=64, GS=1, num_warps=4, num_stages=3)))
 
 
 def parse_config(text: str) -> dict:
@@ -146,9 +151,11 @@ def _qmm_kernel(x_ptr, w_ptr, out_ptr, M, N, NB, row_bytes, stride_x, stride_o, 
 def default_config(qtype: Q, n_out: int, k_in: int, m: int) -> dict:
     """BN weight rows x BM tokens per program, GS groups (or blocks) per K step, warps and
     pipeline stages, and which MMA operand the weights are (W_LEFT: the register one).
-    Untuned placeholder until a GPU sweep (scripts/bench_qmatmul.py). TPRUNTIME_QMATMUL_CONFIG
-    (JSON, e.g. {"BM":64}) overrides it everywhere, for timing a whole prefill with another tile."""
+    The sweep's best by batch size (scripts/bench_qmatmul.py, Q4_K; the other types take the
+    same tiles untimed). TPRUNTIME_QMATMUL_CONFIG (JSON, e.g. {"BM":64}) overrides it
+    everywhere, for timing a whole prefill with another tile."""
     cfg = dict(_DEFAULT)
+    cfg.update(next((t for top, t in _TUNED if m <= top), {}))
     cfg.update(_ENV_CONFIG)
     return cfg
 

@@ -83,7 +83,8 @@ def test_f16_x_and_output_slice():
 
 def test_prefill_goes_through_it(monkeypatch):
     """QuantWeight's prefill takes the fused kernel up to QMATMUL_MAX_TOKENS tokens and the
-    dequantize + matmul path beyond; both agree with the reference."""
+    dequantize + matmul path beyond; both agree with the reference. Unset, the limit is per
+    type: 128 tokens for Q4_K (the type it was timed on), never for the others."""
     from tpruntime import qweight
     qtype, n_out, k_in = Q.Q6_K, 20, 256
     raw = weights(qtype, n_out, k_in, seed=6)
@@ -93,13 +94,20 @@ def test_prefill_goes_through_it(monkeypatch):
     import tpruntime.kernels.qmatmul as qm
     real = qm.qmatmul
     monkeypatch.setattr(qm, "qmatmul", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for limit, fused in ((12, 1), (11, 0)):
+    assert qweight.qmatmul_max_tokens(Q.Q4_K) == 128 and qweight.qmatmul_max_tokens(Q.Q6_K) == 0
+    for limit, fused in ((12, 1), (11, 0), (None, 0)):
         monkeypatch.setattr(qweight, "QMATMUL_MAX_TOKENS", limit)
         calls.clear()
         y = w(x)
         assert len(calls) == fused
         # (the other path's product is rounded to bf16 on the CPU: F.linear, not cuBLAS's f32 output)
         check(raw, qtype, n_out, k_in, x.to(torch.bfloat16), y, tol=1e-5 if fused else 4e-3, fused=bool(fused))
+    monkeypatch.setattr(qweight, "QMATMUL_MAX_TOKENS", None)
+    raw4 = weights(Q.Q4_K, n_out, k_in, seed=7)
+    calls.clear()
+    y = qweight.QuantWeight(raw4, Q.Q4_K, n_out, k_in, torch.bfloat16)(x)
+    assert len(calls) == 1
+    check(raw4, Q.Q4_K, n_out, k_in, x.to(torch.bfloat16), y)
 
 
 def test_rejects_bad_input():
@@ -135,12 +143,6 @@ def test_env_knobs_reject_bad_values(monkeypatch):
         monkeypatch.setenv("TPRUNTIME_QMATMUL_MAX", bad)
         with pytest.raises(TpError, match="TPRUNTIME_QMATMUL_MAX: .* is not a token count"):
             qweight.env_tokens("TPRUNTIME_QMATMUL_MAX")
-    monkeypatch.setenv("TPRUNTIME_PREFILL_OVERLAP", "2")
-    assert qweight.env_level("TPRUNTIME_PREFILL_OVERLAP", 2) == 2
-    for bad in ("3", "on", "-1", ""):
-        monkeypatch.setenv("TPRUNTIME_PREFILL_OVERLAP", bad)
-        with pytest.raises(TpError, match="TPRUNTIME_PREFILL_OVERLAP: .* is not one of 0, 1, 2"):
-            qweight.env_level("TPRUNTIME_PREFILL_OVERLAP", 2)
 
 
 @pytest.mark.gpu

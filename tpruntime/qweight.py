@@ -10,7 +10,6 @@ there, where the math, not the bytes, is the cost (and no dequantized copy stays
 from __future__ import annotations
 
 import os
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -39,8 +38,6 @@ _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 # (torch.mm takes out_dtype from torch 2.8 on; older ones keep the copy.)
 F32_OUT = (os.environ.get("TPRUNTIME_MM_F32_OUT", "1") != "0"
            and "dtype_out" in torch.ops.aten.mm.overloads())
-# Batches of up to this many tokens (and more than GEMV_MAX_TOKENS) go through the matmul that
-# dequantizes in its K loop (kernels/qmatmul.py) instead of the scratch + cuBLAS path; 0: never.
 def env_tokens(name: str) -> int:
     """A token-count knob from the environment (unset: 0)."""
     text = os.environ.get(name, "0")
@@ -49,23 +46,21 @@ def env_tokens(name: str) -> int:
     return int(text)
 
 
-def env_level(name: str, top: int) -> int:
-    """A knob from the environment taking 0 (unset) to top."""
-    text = os.environ.get(name, "0")
-    if text.strip() not in [str(v) for v in range(top + 1)]:
-        raise TpError(f"{name}: {text!r} is not one of {', '.join(map(str, range(top + 1)))}")
-    return int(text)
+# Measured on an H100 (docs/benchmarks.md, twelfth session) on qwen3-32b's Q4_K matrices: the
+# K-loop matmul beats dequantize + cuBLAS per layer by 2.5x at 16 tokens, 27% at 64 and 7% at
+# 128, and loses by 57% at 512 (the dequantize pass costs the same for any batch; the fused
+# kernel's own matmul is slower than cuBLAS's). So Q4_K batches of up to 128 tokens take it by
+# default (instead of the scratch + cuBLAS path below; more than GEMV_MAX_TOKENS); the other
+# types are untimed and stay on dequantize + cuBLAS.
+# TPRUNTIME_QMATMUL_MAX=<tokens> sets the limit for every type (0: never).
+QMATMUL_DEFAULT_MAX = {Q.Q4_K: 128}
+QMATMUL_MAX_TOKENS: int | None = (env_tokens("TPRUNTIME_QMATMUL_MAX") if "TPRUNTIME_QMATMUL_MAX" in os.environ
+                                  else None)
 
 
-QMATMUL_MAX_TOKENS = env_tokens("TPRUNTIME_QMATMUL_MAX")
-# The dequantizing of a prefill slice streams HBM while its matmul is tensor-core bound (ub >=
-# 512), so they can share the GPU: 1 dequantizes the next slice on a side stream, into a second
-# scratch buffer, while the current one is multiplied; 2 also starts on the first slice of the
-# matrix that came next in the previous chunk (the call order of a forward pass repeats). 0: one
-# stream, one buffer. Not in a CUDA-graph capture (prefill is not captured; a capture falls back).
-PREFILL_OVERLAP = env_level("TPRUNTIME_PREFILL_OVERLAP", 2)
-if "TPRUNTIME_SCRATCH_ELEMENTS" in os.environ:  # slice size for A/B runs (smaller: more overlap)
-    SCRATCH_ELEMENTS = env_tokens("TPRUNTIME_SCRATCH_ELEMENTS") or SCRATCH_ELEMENTS
+def qmatmul_max_tokens(qtype: Q) -> int:
+    """The largest batch of this type's matrices that goes through kernels/qmatmul.py."""
+    return QMATMUL_MAX_TOKENS if QMATMUL_MAX_TOKENS is not None else QMATMUL_DEFAULT_MAX.get(qtype, 0)
 
 
 class Int8Request(NamedTuple):
@@ -107,8 +102,6 @@ class QuantWeight:
         self.raw = raw.reshape(n_out, k_in // block * type_size)
         self.qtype, self.n_out, self.k_in = Q(qtype), n_out, k_in
         self.dtype = dtype  # the compute dtype of the prefill matmul
-        # the matrix that the last prefill called after this one (TPRUNTIME_PREFILL_OVERLAP=2)
-        self.next_prefill: weakref.ref | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -147,6 +140,7 @@ class QuantWeight:
 
     def __call__(self, x: "torch.Tensor | QuantizedX") -> torch.Tensor:
         """x [T, k_in] (or one token with its int8 form) -> float32 [T, n_out]."""
+        from .kernels.dequant import dequantize_rows
         from .kernels.gemv import qgemv
         from .kernels.gemv_q8 import qgemv_q8
 
@@ -158,112 +152,24 @@ class QuantWeight:
         if x.shape[0] <= GEMV_MAX_TOKENS:
             return qgemv(x, self.raw, self.qtype, self.n_out, self.k_in)
         x = x.to(self.dtype)
-        if x.shape[0] <= QMATMUL_MAX_TOKENS and self._fused_prefill(x):
+        if x.shape[0] <= qmatmul_max_tokens(self.qtype) and self._fused_prefill(x):
             from .kernels.qmatmul import qmatmul
             return qmatmul(x, self.raw, self.qtype, self.n_out, self.k_in)
-        out = torch.empty(x.shape[0], self.n_out, dtype=torch.float32, device=x.device)
-        if PREFILL_OVERLAP and x.is_cuda and not torch.cuda.is_current_stream_capturing():
-            _pipeline(x.device, self.dtype).matmul(self, x, out)
-            return out
-        key = (x.device, self.dtype)
-        need = self._slices()[0][1] * self.k_in
-        if key not in _scratch or _scratch[key].numel() < need:
-            _scratch[key] = torch.empty(need, dtype=self.dtype, device=x.device)
-        for r0, r1 in self._slices():
-            w = self._dequantize(r0, r1, _scratch[key])
-            # The stream orders this matmul's read of the scratch before the next slice's write.
-            _slice_matmul(x, w, out[:, r0:r1])
-        return out
-
-    def _slices(self) -> list[tuple[int, int]]:
-        """Row ranges dequantized at once for a prefill matmul."""
         # Whole multiples of 128 rows: an output slice whose row stride is not 16-byte aligned
         # sends cuBLAS to its pre-Hopper kernels (measured 3x slower on an H200).
         rows = max(128, SCRATCH_ELEMENTS // self.k_in // 128 * 128)
-        return [(r0, min(r0 + rows, self.n_out)) for r0 in range(0, self.n_out, rows)]
-
-    def _dequantize(self, r0: int, r1: int, scratch: torch.Tensor) -> torch.Tensor:
-        from .kernels.dequant import dequantize_rows
-        return dequantize_rows(self.raw[r0:r1], self.qtype, r1 - r0, self.k_in, dtype=self.dtype, out=scratch)
-
-
-class _Pipeline:
-    """Prefill matmuls of one device and dtype with the dequantizing on a side stream
-    (PREFILL_OVERLAP): two scratch buffers taken in turn (twice the one-stream path's scratch,
-    outside the memory plan like it); each has the event of the last matmul that read it, which
-    the side stream waits for before writing it again. Weights are held by weak references only:
-    the learned order must not keep a dropped model's matrices on the GPU."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
-        self.side = torch.cuda.Stream(device)
-        self.bufs: list[torch.Tensor] = []
-        self.read = [torch.cuda.Event(), torch.cuda.Event()]
-        self.turn = 0  # the buffer the next matrix's first slice goes into
-        self.ahead: tuple | None = None  # (weight ref, rows, event): a first slice started early
-        self.last: weakref.ref | None = None  # the previous call's matrix (level 2 learns the order)
-        self.seen: weakref.WeakSet = weakref.WeakSet()  # matrices whose bytes the side stream waited for
-
-    def _reserve(self, w: QuantWeight) -> None:
-        need = w._slices()[0][1] * w.k_in
-        if self.bufs and self.bufs[0].numel() >= need:
-            return
-        self.bufs = [torch.empty(need, dtype=self.dtype, device=self.device) for _ in range(2)]
-        for b in self.bufs:  # when replaced, freed only after the side stream's work on them
-            b.record_stream(self.side)
-        # The allocator orders the new memory after the main stream's earlier use of it only.
-        self.side.wait_stream(torch.cuda.current_stream(self.device))
-        self.ahead = None
-
-    def _dequantize(self, w: QuantWeight, rows: tuple[int, int], buf: int) -> torch.cuda.Event:
-        main = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self.side):
-            if w not in self.seen:  # its bytes were written on the main stream (load, concatenation)
-                self.side.wait_stream(main)
-                self.seen.add(w)
-            self.side.wait_event(self.read[buf])
-            w._dequantize(*rows, self.bufs[buf])
-            done = torch.cuda.Event()
-            done.record(self.side)
-        return done
-
-    def matmul(self, w: QuantWeight, x: torch.Tensor, out: torch.Tensor) -> None:
-        main = torch.cuda.current_stream(self.device)
-        self._reserve(w)
-        last = self.last() if self.last is not None else None
-        if PREFILL_OVERLAP >= 2 and last is not None and last is not w:
-            last.next_prefill = weakref.ref(w)
-        self.last = weakref.ref(w)
-        slices = w._slices()
-        buf = self.turn
-        if self.ahead is not None and self.ahead[0]() is w and self.ahead[1] == slices[0]:
-            ready = self.ahead[2]
-        else:
-            ready = self._dequantize(w, slices[0], buf)
-        self.ahead = None
-        for i, (r0, r1) in enumerate(slices):
-            main.wait_event(ready)
-            _slice_matmul(x, self.bufs[buf].view(-1)[:(r1 - r0) * w.k_in].view(r1 - r0, w.k_in), out[:, r0:r1])
-            self.read[buf].record(main)
-            buf ^= 1
-            if i + 1 < len(slices):
-                ready = self._dequantize(w, slices[i + 1], buf)
-        self.turn = buf
-        nxt = w.next_prefill() if w.next_prefill is not None else None
-        if PREFILL_OVERLAP >= 2 and nxt is not None and nxt.n_out and nxt.k_in:
-            self._reserve(nxt)  # (new buffers, if any: the ahead slice goes into them)
-            rows = nxt._slices()[0]
-            self.ahead = (weakref.ref(nxt), rows, self._dequantize(nxt, rows, buf))
-
-
-_pipelines: dict[tuple[torch.device, torch.dtype], _Pipeline] = {}
-
-
-def _pipeline(device: torch.device, dtype: torch.dtype) -> _Pipeline:
-    key = (device, dtype)
-    if key not in _pipelines:
-        _pipelines[key] = _Pipeline(device, dtype)
-    return _pipelines[key]
+        key = (x.device, self.dtype)
+        need = min(rows, self.n_out) * self.k_in
+        if key not in _scratch or _scratch[key].numel() < need:
+            _scratch[key] = torch.empty(need, dtype=self.dtype, device=x.device)
+        out = torch.empty(x.shape[0], self.n_out, dtype=torch.float32, device=x.device)
+        for r0 in range(0, self.n_out, rows):
+            r1 = min(r0 + rows, self.n_out)
+            w = dequantize_rows(self.raw[r0:r1], self.qtype, r1 - r0, self.k_in, dtype=self.dtype,
+                                out=_scratch[key])
+            # The stream orders this matmul's read of the scratch before the next slice's write.
+            _slice_matmul(x, w, out[:, r0:r1])
+        return out
 
 
 def _slice_matmul(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
