@@ -38,9 +38,13 @@ _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 # (torch.mm takes out_dtype from torch 2.8 on; older ones keep the copy.)
 F32_OUT = (os.environ.get("TPRUNTIME_MM_F32_OUT", "1") != "0"
            and "dtype_out" in torch.ops.aten.mm.overloads())
-def env_tokens(name: str) -> int:
-    """A token-count knob from the environment (unset: 0)."""
-    text = os.environ.get(name, "0")
+
+
+def env_tokens(name: str) -> int | None:
+    """A token-count knob from the environment (None when unset)."""
+    if name not in os.environ:
+        return None
+    text = os.environ[name]
     if not text.strip().isdigit():
         raise TpError(f"{name}: {text!r} is not a token count (a whole number, 0 for off)")
     return int(text)
@@ -54,8 +58,7 @@ def env_tokens(name: str) -> int:
 # types are untimed and stay on dequantize + cuBLAS.
 # TPRUNTIME_QMATMUL_MAX=<tokens> sets the limit for every type (0: never).
 QMATMUL_DEFAULT_MAX = {Q.Q4_K: 128}
-QMATMUL_MAX_TOKENS: int | None = (env_tokens("TPRUNTIME_QMATMUL_MAX") if "TPRUNTIME_QMATMUL_MAX" in os.environ
-                                  else None)
+QMATMUL_MAX_TOKENS = env_tokens("TPRUNTIME_QMATMUL_MAX")
 
 
 def qmatmul_max_tokens(qtype: Q) -> int:
