@@ -10,6 +10,9 @@ rounds them the same way: to nearest even when compiled, by truncation in Triton
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -143,6 +146,13 @@ def test_env_knobs_reject_bad_values(monkeypatch):
         monkeypatch.setenv("TPRUNTIME_QMATMUL_MAX", bad)
         with pytest.raises(TpError, match="TPRUNTIME_QMATMUL_MAX: .* is not a token count"):
             qweight.env_tokens("TPRUNTIME_QMATMUL_MAX")
+    # read at import: the CLI reports it as its one-line error
+    for bad in ("0", "8M"):
+        r = subprocess.run([sys.executable, "-m", "tpruntime", "generate", "-m", "x.gguf", "-p", "x"],
+                           capture_output=True, text=True, env={**os.environ, "TPRUNTIME_PREFILL_SCRATCH_MB": bad})
+        assert r.returncode == 2 and r.stderr.strip() == (
+            f"error: TPRUNTIME_PREFILL_SCRATCH_MB: {bad if bad == '0' else repr(bad)} is not a size in MiB"
+            " (a whole number, at least 1)"), r.stderr
 
 
 @pytest.mark.gpu

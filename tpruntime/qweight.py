@@ -23,9 +23,13 @@ from .tensors import TensorSpec
 
 # Up to this many tokens a GEMV (bytes-bound) beats dequantize + matmul.
 GEMV_MAX_TOKENS = 8
-# Elements dequantized at once for a prefill matmul: bounds the scratch at 128 MiB of bf16
-# whatever the weight (a 152k-row vocabulary head would otherwise need 1.5 GB).
-SCRATCH_ELEMENTS = 1 << 26
+# Elements dequantized at once for a prefill matmul: bounds the scratch at 256 MiB of bf16
+# whatever the weight (a 152k-row vocabulary head would otherwise need 1.5 GB). Fewer, larger
+# matmuls pay: qwen3-32b ub-512 chunks on an H100 86.6 ms at 128 MiB, 82.6 at 256, 83.0 at 512
+# (its gate|up in 2 slices instead of 4, down in 1 instead of 2); at 32 MiB, small enough to
+# stay in L2, 110.5 (docs/benchmarks.md, thirteenth session).
+# TPRUNTIME_PREFILL_SCRATCH_MB=<MiB> sets it, for A/B runs.
+SCRATCH_ELEMENTS = 1 << 27
 
 # One token of 16-bit activations goes through the int8-x kernel (kernels/gemv_q8.py) where
 # it reads the type; tests switch it off to compare with the exact float kernel.
@@ -40,14 +44,21 @@ F32_OUT = (os.environ.get("TPRUNTIME_MM_F32_OUT", "1") != "0"
            and "dtype_out" in torch.ops.aten.mm.overloads())
 
 
-def env_tokens(name: str) -> int | None:
-    """A token-count knob from the environment (None when unset)."""
+def env_tokens(name: str, what: str = "a token count (a whole number, 0 for off)") -> int | None:
+    """A whole-number knob from the environment (None when unset)."""
     if name not in os.environ:
         return None
     text = os.environ[name]
     if not text.strip().isdigit():
-        raise TpError(f"{name}: {text!r} is not a token count (a whole number, 0 for off)")
+        raise TpError(f"{name}: {text!r} is not {what}")
     return int(text)
+
+
+_SCRATCH_MB = env_tokens("TPRUNTIME_PREFILL_SCRATCH_MB", "a size in MiB (a whole number, at least 1)")
+if _SCRATCH_MB is not None:
+    if _SCRATCH_MB < 1:
+        raise TpError("TPRUNTIME_PREFILL_SCRATCH_MB: 0 is not a size in MiB (a whole number, at least 1)")
+    SCRATCH_ELEMENTS = _SCRATCH_MB << 19  # 2-byte elements
 
 
 # Measured on an H100 (docs/benchmarks.md, twelfth session) on qwen3-32b's Q4_K matrices: the
