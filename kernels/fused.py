@@ -277,52 +277,55 @@ def rope_rotate(x, xp, cs, sn, first, rotated):
 @triton.jit
 def _qk_norm_rope_store_kernel(
         qkv_ptr, bias_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
-        n_q, n_kv, stride_qkv, stride_cos, stride_kh, stride_kp, stride_vh, stride_vp, eps,
+        T, n_q, n_kv, stride_qkv, stride_cos, stride_kh, stride_kp, stride_vh, stride_vp, eps,
         D: tl.constexpr, DV: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK: tl.constexpr, RNE: tl.constexpr,
-        PDL: tl.constexpr):
+        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK: tl.constexpr, TB: tl.constexpr,
+        RNE: tl.constexpr, PDL: tl.constexpr):
     wait_inputs(PDL)
-    # Program (t, hid): hid < n_q a query head, then n_kv key heads, then n_kv value heads.
-    # q and k heads lie side by side with the same width, so head hid starts at column hid * D.
-    t = tl.program_id(0)
+    # Program (tb, hid): TB tokens (rows of the tile) of one head; hid < n_q a query head, then
+    # n_kv key heads, then n_kv value heads. q and k heads lie side by side with the same width,
+    # so head hid starts at column hid * D.
+    t = tl.program_id(0) * TB + tl.arange(0, TB)[:, None]
     hid = tl.program_id(1)
-    src = qkv_ptr + t * stride_qkv
-    offs = tl.arange(0, BLOCK)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
+    tm = t < T
+    src = qkv_ptr + t.to(tl.int64) * stride_qkv
+    offs = tl.arange(0, BLOCK)[None, :]
+    pos = tl.load(pos_ptr + t, mask=tm, other=0).to(tl.int64)
     if hid < n_q + n_kv:
-        m = offs < D
+        m = (offs < D) & tm
         col = src + hid * D
-        part, ang, first, r_m = rope_pairs(offs, ROPE, NEOX)
+        part, ang, first, rotated = rope_pairs(offs, ROPE, NEOX)
+        r_m = rotated & tm
         x = tl.load(col + offs, mask=m, other=0.0).to(tl.float32)
         xp = tl.load(col + part, mask=r_m, other=0.0).to(tl.float32)
         cs = tl.load(cos_ptr + pos * stride_cos + ang, mask=r_m, other=0.0)
         sn = tl.load(sin_ptr + pos * stride_cos + ang, mask=r_m, other=0.0)
         if HAS_BIAS:
-            x += tl.load(bias_ptr + hid * D + offs, mask=m, other=0.0).to(tl.float32)
-            xp += tl.load(bias_ptr + hid * D + part, mask=r_m, other=0.0).to(tl.float32)
+            x += tl.load(bias_ptr + hid * D + offs, mask=offs < D, other=0.0).to(tl.float32)
+            xp += tl.load(bias_ptr + hid * D + part, mask=rotated, other=0.0).to(tl.float32)
         if HAS_NORM:
             if hid < n_q:
-                w = tl.load(qn_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                wp = tl.load(qn_ptr + part, mask=r_m, other=0.0).to(tl.float32)
+                w = tl.load(qn_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
+                wp = tl.load(qn_ptr + part, mask=rotated, other=0.0).to(tl.float32)
             else:
-                w = tl.load(kn_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                wp = tl.load(kn_ptr + part, mask=r_m, other=0.0).to(tl.float32)
-            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+                w = tl.load(kn_ptr + offs, mask=offs < D, other=0.0).to(tl.float32)
+                wp = tl.load(kn_ptr + part, mask=rotated, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.sum(x * x, axis=1)[:, None] / D + eps)
             x = x * r * w
             xp = xp * r * wp
-        x = rope_rotate(x, xp, cs, sn, first, r_m)
+        x = rope_rotate(x, xp, cs, sn, first, rotated)
         if hid < n_q:
-            tl.store(q_ptr + (t * n_q + hid) * D + offs, cast_to(x, q_ptr.dtype.element_ty, RNE), mask=m)
+            tl.store(q_ptr + (t.to(tl.int64) * n_q + hid) * D + offs, cast_to(x, q_ptr.dtype.element_ty, RNE), mask=m)
         else:
             j = (hid - n_q).to(tl.int64)
             tl.store(k_ptr + j * stride_kh + pos * stride_kp + offs, cast_to(x, k_ptr.dtype.element_ty, RNE), mask=m)
     else:
         j = hid - n_q - n_kv
-        m = offs < DV
+        m = (offs < DV) & tm
         c0 = (n_q + n_kv) * D + j * DV
         x = tl.load(src + c0 + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            x += tl.load(bias_ptr + c0 + offs, mask=m, other=0.0).to(tl.float32)
+            x += tl.load(bias_ptr + c0 + offs, mask=offs < DV, other=0.0).to(tl.float32)
         tl.store(v_ptr + j.to(tl.int64) * stride_vh + pos * stride_vp + offs, cast_to(x, v_ptr.dtype.element_ty, RNE),
                  mask=m)
 
@@ -342,11 +345,18 @@ def check_qkv_rope(what: str, qkv: torch.Tensor, n_head: int, n_head_kv: int, he
         raise ValueError(f"{what}: rope tables of {cos.shape[-1]} angles, rope_dim {rope_dim}")
 
 
+# Tokens per program of qk_norm_rope_store for a prefill chunk. One (token, head) per program made
+# 40 960 one-warp programs per qwen3-32b layer at ub 512: 50.3 us a layer on an H100, ≈ 5x its
+# bytes' time (the SMs' resident-block limit, not HBM, set the pace); 8 tokens: 10.7 us
+# (docs/benchmarks.md, thirteenth session). A decode token keeps its one-row programs.
+QK_TOKENS = 8
+
+
 @functools.lru_cache(maxsize=None)
-def _head_config(head_dim: int, head_dim_v: int) -> dict:
+def _head_config(head_dim: int, head_dim_v: int, tb: int) -> dict:
     block = triton.next_power_of_2(max(head_dim, head_dim_v))
-    # One warp up to 256 features (8 per thread): the norm's sum stays in shuffles.
-    return dict(BLOCK=block, num_warps=_warps_for(block, 8), num_stages=1)
+    # One warp a token row up to 256 features (8 per thread): the norm's sum stays in shuffles.
+    return dict(BLOCK=block, TB=tb, num_warps=min(8, tb * _warps_for(block, 8)), num_stages=1)
 
 
 def qk_norm_rope_store(qkv: torch.Tensor, n_head: int, n_head_kv: int, head_dim: int, head_dim_v: int, *,
@@ -375,14 +385,14 @@ def qk_norm_rope_store(qkv: torch.Tensor, n_head: int, n_head_kv: int, head_dim:
         raise ValueError("qk_norm_rope_store: the caches' last axis must be contiguous")
     dummy = qkv
     pdl = use_pdl(qkv)
-    _qk_norm_rope_store_kernel[(T, n_head + 2 * n_head_kv)](
+    cfg = _head_config(head_dim, head_dim_v, min(QK_TOKENS, triton.next_power_of_2(T)))
+    _qk_norm_rope_store_kernel[(triton.cdiv(T, cfg["TB"]), n_head + 2 * n_head_kv)](
         qkv, bias if bias is not None else dummy, q_norm if q_norm is not None else dummy,
         k_norm if k_norm is not None else dummy, cos, sin, pos, q, k_cache, v_cache,
-        n_head, n_head_kv, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
+        T, n_head, n_head_kv, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), float(eps),
         D=head_dim, DV=head_dim_v, ROPE=rope_dim, NEOX=bool(neox), HAS_BIAS=bias is not None,
-        HAS_NORM=q_norm is not None, RNE=interpreting(), PDL=pdl, **launch_kw(pdl),
-        **_head_config(head_dim, head_dim_v))
+        HAS_NORM=q_norm is not None, RNE=interpreting(), PDL=pdl, **launch_kw(pdl), **cfg)
     return q
 
 

@@ -123,7 +123,8 @@ def check_cache(cache: KVCache, ref: KVCache, pos: torch.Tensor):
         check(c[:, written], r[:, written])
 
 
-POSITIONS = {1: [7], 3: [9, 2, 5]}  # T = 3: out of order and not contiguous
+# T = 3: out of order and not contiguous; T = 11: two programs of 8 tokens, the second part empty
+POSITIONS = {1: [7], 3: [9, 2, 5], 11: [15, 0, 4, 13, 5, 6, 1, 14, 12, 3, 10]}
 
 
 # (n_head, n_head_kv, head_dim, head_dim_v, rope_dim): group sizes 2, 1 and 4 (a rank's share of
@@ -135,7 +136,7 @@ SHAPES = [(4, 2, 64, 64, 64), (2, 2, 128, 128, 64), (4, 1, 256, 256, 256), (2, 1
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "pairs"])
 @pytest.mark.parametrize("norm,bias", [(False, False), (True, False), (False, True), (True, True)],
                          ids=["plain", "qknorm", "bias", "both"])
-@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("T", [1, 3, 11])
 def test_qk_norm_rope_store(shape, neox, norm, bias, T):
     n_head, n_kv, d, dv, rope_dim = shape
     seed = n_head + d + rope_dim + 7 * T
