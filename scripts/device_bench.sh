@@ -3,7 +3,7 @@
 # sweep-bench table on synthetic qwen3-8b / qwen3-32b files (Q4_K weights, Q6_K output, gpt-2
 # vocabulary), the kernel path against the dequantized-bf16 torch path, and a decode profile.
 #   STAGES="tests bench8 base8 bench32 long32 profile" bash scripts/device_bench.sh
-# (also: pdlab, envab, pattn, pprof, dqbench, q8bench, qmmbench, kbench, ncu; allreduce on a multi-GPU kind)
+# (also: pdlab, envab, pprof, dqbench, q8bench, qmmbench, kbench, ncu; allreduce on a multi-GPU kind)
 # (carry .whl and .dev/ggml-vocab-gpt-2.gguf). Logs under $OUT; the last lines are a summary.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -73,9 +73,6 @@ for st in $STAGES; do case $st in
       env ${s//+/ } timeout 200 python3 scripts/profile_decode.py "$(model $sh)" $run --no-profile \
           > "$OUT/ab-$i-$sh.txt" 2>&1
       echo "$sh $s: $(grep -E "$pat" "$OUT/ab-$i-$sh.txt" | tail -$last | tr '\n' ' ')" | tee -a "$SUM"; done; done ;;
-  pattn)  # a later prompt chunk's attention: torch's FA2 against two cuDNN calls + merge
-    timeout 200 python3 scripts/bench_prefill_attention.py > "$OUT/bench_prefill_attention.txt" 2>&1
-    tail -40 "$OUT/bench_prefill_attention.txt" | tee -a "$SUM" ;;
   pprof)  # where a prefill chunk's time goes (ub PPUB, default 2048, at depth 0 and PPUB)
     for sh in ${PSHAPES:-qwen3-8b qwen3-32b}; do ub=${PPUB:-2048}
       timeout 300 python3 scripts/profile_decode.py "$(model $sh)" --prefill $ub --depth $ub > "$OUT/pprof-$sh-$ub.txt" 2>&1

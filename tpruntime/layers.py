@@ -3,7 +3,6 @@ and the local sizes of this rank's shard; the row-parallel linear owns the all-r
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -106,12 +105,6 @@ class Rope:
         self.dim, self.neox = dim, neox
 
 
-# A later prompt chunk's attention (bottom-right causal) as two cuDNN calls merged by their
-# log-sum-exps (kernels/prefill_attention.py) instead of torch's FA2 kernel, where cuDNN can
-# run it; TPRUNTIME_PREFILL_CUDNN=0 keeps FA2, for A/B runs.
-PREFILL_CUDNN = os.environ.get("TPRUNTIME_PREFILL_CUDNN", "1") != "0"  # (measured: see the next commit)
-
-
 class Attention:
     """Causal (optionally sliding-window) attention over this rank's KV-head group."""
 
@@ -142,11 +135,6 @@ class Attention:
         self.flash_shapes = (self.head_dim == self.head_dim_v <= 256 and self.head_dim % 8 == 0
                              and dev.type == "cuda"
                              and torch.cuda.get_device_capability(dev)[0] >= 8)
-        # ... and cuDNN's fused attention (which a later prompt chunk's split takes, see
-        # kernels/prefill_attention.py): head sizes up to 128, Hopper or newer
-        self.cudnn_shapes = (PREFILL_CUDNN and self.flash_shapes and self.head_dim <= 128
-                             and torch.cuda.get_device_capability(dev)[0] >= 9
-                             and torch.backends.cudnn.is_available())
         self.scale = cfg.attn_scale
         self.window = cfg.sliding_window if cfg.layer_uses_swa(il) else 0
         # The split-K decode kernel reads the number of keys from the device, so one captured
@@ -210,9 +198,6 @@ class Attention:
             keys, values = keys[self.kv_of_q], values[self.kv_of_q]
         # 4-D: SDPA's fused CUDA kernels reject 3-D inputs and would fall back to the math one.
         q4, k4, v4 = q.transpose(0, 1)[None], keys[None], values[None]
-        if flash and self.cudnn_shapes and p.first > 0:
-            from .kernels.prefill_attention import prefix_chunk_attention
-            return self.attn_output(prefix_chunk_attention(q4, k4, v4, p.first, self.scale))
         if flash:
             # Flash attention aligns its causal mask to the bottom right when there are fewer
             # queries than keys: what torch's causal_lower_right dispatches to. Called directly,
