@@ -151,7 +151,7 @@ def test_env_knobs_reject_bad_values(monkeypatch):
         r = subprocess.run([sys.executable, "-m", "tpruntime", "generate", "-m", "x.gguf", "-p", "x"],
                            capture_output=True, text=True, env={**os.environ, "TPRUNTIME_PREFILL_SCRATCH_MB": bad})
         assert r.returncode == 2 and r.stderr.strip() == (
-            f"error: TPRUNTIME_PREFILL_SCRATCH_MB: {bad if bad == '0' else repr(bad)} is not a size in MiB"
+            f"error: TPRUNTIME_PREFILL_SCRATCH_MB: {bad!r} is not a size in MiB"
             " (a whole number, at least 1)"), r.stderr
 
 

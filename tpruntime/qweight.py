@@ -44,20 +44,18 @@ F32_OUT = (os.environ.get("TPRUNTIME_MM_F32_OUT", "1") != "0"
            and "dtype_out" in torch.ops.aten.mm.overloads())
 
 
-def env_tokens(name: str, what: str = "a token count (a whole number, 0 for off)") -> int | None:
-    """A whole-number knob from the environment (None when unset)."""
+def env_tokens(name: str, what: str = "a token count (a whole number, 0 for off)", least: int = 0) -> int | None:
+    """A whole-number knob of at least `least` from the environment (None when unset)."""
     if name not in os.environ:
         return None
     text = os.environ[name]
-    if not text.strip().isdigit():
+    if not text.strip().isdigit() or int(text) < least:
         raise TpError(f"{name}: {text!r} is not {what}")
     return int(text)
 
 
-_SCRATCH_MB = env_tokens("TPRUNTIME_PREFILL_SCRATCH_MB", "a size in MiB (a whole number, at least 1)")
+_SCRATCH_MB = env_tokens("TPRUNTIME_PREFILL_SCRATCH_MB", "a size in MiB (a whole number, at least 1)", least=1)
 if _SCRATCH_MB is not None:
-    if _SCRATCH_MB < 1:
-        raise TpError("TPRUNTIME_PREFILL_SCRATCH_MB: 0 is not a size in MiB (a whole number, at least 1)")
     SCRATCH_ELEMENTS = _SCRATCH_MB << 19  # 2-byte elements
 
 
