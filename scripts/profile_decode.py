@@ -3,7 +3,7 @@ by op), and the wall time per step with CUDA graphs, on one GPU. With --prefill 
 prefill chunks of UB tokens (at depth 0 and at --depth) instead.
 
     python scripts/profile_decode.py MODEL.gguf [--dtype bf16] [--depth 512] [--steps 20] [--no-profile]
-    python scripts/profile_decode.py MODEL.gguf --prefill 2048 --depth 2048
+    python scripts/profile_decode.py MODEL.gguf --prefill 2048 --depth 2048 [--dense-prefill auto]
     ncu --profile-from-start off ... python scripts/profile_decode.py MODEL.gguf --ncu
         (one eager decode step inside a profiler range, for Nsight Compute's per-kernel sections)
 """
@@ -11,6 +11,7 @@ prefill chunks of UB tokens (at depth 0 and at --depth) instead.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -28,6 +29,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--no-profile", action="store_true", help="only the wall times")
     ap.add_argument("--prefill", type=int, default=0, metavar="UB", help="profile prefill chunks of UB tokens")
+    ap.add_argument("--dense-prefill", default=os.environ.get("DENSE_PREFILL", "0"),
+                    help="as the CLI's flag: GiB of dequantized copies, or auto (default: $DENSE_PREFILL, for envab)")
     ap.add_argument("--ncu", action="store_true",
                     help="after warm-up, one eager decode step between cudaProfilerStart/Stop (run under ncu)")
     a = ap.parse_args()
@@ -70,7 +73,9 @@ def main() -> None:
 
 def profile_prefill(a) -> None:
     ub = a.prefill
-    lm = load_model(a.model, n_ctx=a.depth + ub + 8, device="cuda", dtype=a.dtype, progress=False)
+    lm = load_model(a.model, n_ctx=a.depth + ub + 8, device="cuda", dtype=a.dtype, progress=False,
+                    dense_prefill=a.dense_prefill)
+    print(lm.memory_report())
     chunk = torch.randint(0, lm.cfg.n_vocab, (ub,))
     for pos in (0, a.depth, 0, a.depth):  # the first two compile and warm up
         t0 = time.perf_counter()

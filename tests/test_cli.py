@@ -122,6 +122,7 @@ def test_nan_block_scale_is_one_line(tmp_path, tiny_models, tensor):
     (("-sm", "rows"), ["--split-mode 'rows'"]),
     (("--reduce-type", "f8"), ["--reduce-type 'f8'"]),
     (("--comm-timeout", 0), ["--comm-timeout 0"]),
+    (("--dense-prefill", "lots"), ["--dense-prefill 'lots'", "GiB"]),
     (("--device", "cuda"), ["no CUDA device"]),
 ])
 def test_bad_generate_flags(tiny_models, extra, needles):

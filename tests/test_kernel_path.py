@@ -99,3 +99,32 @@ def test_interpreted_kernels_on_a_rank_that_sits_layers_out(micro_models):
         scale = outs[1].abs().max().item()
         assert (outs[0] - outs[1]).abs().max().item() <= 1e-4 * max(scale, 1.0)
 
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter check; tests/test_models.py has the CUDA one")
+def test_interpreted_dense_prefill_copies(micro_models):
+    """--dense-prefill: the first layers' matrices within the budget keep dequantized copies
+    (q/k/v and gate/up as fused), prompt chunks give the same logits as without them, the memory
+    line names them, and a bad value is a TpError before anything loads."""
+    from tpruntime.errors import TpError
+    from tpruntime.model import dense_prefill_budget
+
+    path = str(micro_models["llama"])
+    plain = load_model(path, n_ctx=32, progress=False, interpret_kernels=True)
+    mats = [w for blk in plain.blocks for w in blk.matrices()]
+    assert len(mats) == 4 * len(plain.blocks) and all(isinstance(w, QuantWeight) for w in mats)
+    first = sum(w.copy_bytes for w in mats[:3])
+    some = load_model(path, n_ctx=32, progress=False, interpret_kernels=True,
+                      dense_prefill=str((first + 1) / 2**30))
+    assert [w.copy is not None for w in some.blocks[0].matrices()] == [True, True, True, False]
+    assert some.copy_bytes == first and "prefill copies" in some.memory_report()
+    every = load_model(path, n_ctx=32, progress=False, interpret_kernels=True, dense_prefill="auto")
+    assert every.copy_bytes == sum(w.copy_bytes for w in mats) and plain.copy_bytes == 0
+    assert every.weight_bytes == every.planned_bytes  # the copies are not the plan's weights
+    chunk = torch.arange(3, 3 + 20)  # 20 tokens: past COPY_MIN_TOKENS
+    want = plain.forward(chunk, 0, all_logits=True)
+    assert torch.equal(every.forward(chunk, 0, all_logits=True), want)
+    for bad in ("-1", "nan", "inf", "lots"):
+        with pytest.raises(TpError, match="--dense-prefill"):
+            dense_prefill_budget(bad)
+    assert dense_prefill_budget("AUTO") == (float("inf"), True) and dense_prefill_budget("0.5") == (2**29, False)

@@ -176,6 +176,25 @@ def test_cuda_chunked_prefill_equals_one_shot(shape, tiny_models, dtype, matmul,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", TINY_SHAPES)
+def test_cuda_dense_prefill_copies_equal_the_dequantize_pass(shape, tiny_models, monkeypatch):
+    """--dense-prefill auto: every matrix keeps its bf16 copy and prompt chunks multiply it,
+    bit for bit what the per-chunk dequantize pass into scratch gives; decode is untouched."""
+    from tpruntime import qweight
+    monkeypatch.setattr(qweight, "QMATMUL_MAX_TOKENS", 0)
+    path = str(tiny_models[shape])
+    plain = load_model(path, n_ctx=300, device="cuda", dtype="bf16", progress=False)
+    kept = load_model(path, n_ctx=300, device="cuda", dtype="bf16", progress=False, dense_prefill="auto")
+    mats = [w for blk in kept.blocks for w in blk.matrices()]
+    assert all(w.copy is not None for w in mats) and kept.copy_bytes == sum(w.copy_bytes for w in mats)
+    g = torch.Generator().manual_seed(9)
+    prompt = torch.randint(0, plain.cfg.n_vocab, (250,), generator=g).tolist()
+    steps = torch.randint(0, plain.cfg.n_vocab, (4,), generator=g).tolist()
+    assert torch.equal(_prefill_then_decode(kept, prompt, steps), _prefill_then_decode(plain, prompt, steps))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_int8_gemv_error_within_bf16s(tmp_path, monkeypatch):
     """A bf16 model's decode runs its Q4_K matrices through gemv_q8 (x rounded to int8): its
     logits stay within the float32 reference's reach, an order of magnitude of what the exact

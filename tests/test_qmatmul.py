@@ -113,6 +113,38 @@ def test_prefill_goes_through_it(monkeypatch):
     check(raw4, Q.Q4_K, n_out, k_in, x.to(torch.bfloat16), y)
 
 
+def test_prefill_takes_the_dense_copy(monkeypatch):
+    """With its dequantized copy (--dense-prefill) a matrix multiplies prefill batches of
+    COPY_MIN_TOKENS or more, and the types the K-loop kernel does not take, without a
+    dequantize pass, giving what the per-chunk pass gives; smaller Q4_K batches keep the kernel."""
+    from tpruntime import qweight
+    import tpruntime.kernels.dequant as dq
+    import tpruntime.kernels.qmatmul as qm
+    calls = []
+    for mod, name in ((qm, "qmatmul"), (dq, "dequantize_rows")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    n_out, k_in = 20, 256
+    g = torch.Generator().manual_seed(5)
+    for qtype, tokens, path in ((Q.Q4_K, 12, "qmatmul"), (Q.Q4_K, qweight.COPY_MIN_TOKENS, "copy"),
+                                (Q.Q6_K, 10, "copy")):
+        raw = weights(qtype, n_out, k_in, seed=tokens)
+        plain, kept = (qweight.QuantWeight(raw, qtype, n_out, k_in, torch.bfloat16) for _ in range(2))
+        kept.keep_copy()
+        assert kept.copy is not None and kept.copy.dtype == torch.bfloat16 and kept.copy_bytes == n_out * k_in * 2
+        x = torch.randn(tokens, k_in, generator=g).to(DEV)
+        calls.clear()
+        y = kept(x)
+        assert calls == (["qmatmul"] if path == "qmatmul" else [])
+        monkeypatch.setattr(qweight, "QMATMUL_MAX_TOKENS", 0)  # the other side: dequantize + matmul
+        want = plain(x)
+        monkeypatch.setattr(qweight, "QMATMUL_MAX_TOKENS", None)
+        if path == "copy":
+            assert torch.equal(y, want)
+        check(raw, qtype, n_out, k_in, x.to(torch.bfloat16), y, tol=1e-5 if path == "qmatmul" else 4e-3,
+              fused=path == "qmatmul")
+
+
 def test_rejects_bad_input():
     raw = weights(Q.Q4_K, 2, 256, seed=0)
     x = torch.zeros(16, 256, dtype=torch.bfloat16, device=DEV)

@@ -144,6 +144,10 @@ def _engine_options(f):
                      help="Norm, rope, activation and decode attention in plain torch, not the fused kernels.")(f)
     f = click.option("--dense-weights", is_flag=True,
                      help="Dequantize every weight at load instead of keeping GGUF blocks for the kernels.")(f)
+    f = click.option("--dense-prefill", default="0", show_default=True,
+                     help="GiB per rank of dequantized copies of the quantized matrices (the first layers' "
+                          "first), which prompt chunks multiply without a dequantize pass; decode still reads "
+                          "the GGUF blocks. auto: as many as fit beside the KV cache.")(f)
     f = click.option("--load-timeout", default=600.0, show_default=True,
                      help="Seconds the ranks wait for the slowest one to load its weights.")(f)
     f = click.option("--comm-timeout", default=20.0, show_default=True,
@@ -162,7 +166,8 @@ def _engine_options(f):
 
 
 def _open_engine(path: str, n_ctx: int, n_ubatch: int, *, device, dtype, split_mode, max_gpu, tensor_split,
-                 reduce_type, all_reduce, comm_timeout, load_timeout, no_cuda_graphs, no_fused_ops, dense_weights):
+                 reduce_type, all_reduce, comm_timeout, load_timeout, no_cuda_graphs, no_fused_ops, dense_weights,
+                 dense_prefill):
     from .engine import open_engine
 
     if n_ubatch < 1:
@@ -172,7 +177,7 @@ def _open_engine(path: str, n_ctx: int, n_ubatch: int, *, device, dtype, split_m
                        reduce_type=reduce_type, all_reduce=all_reduce, comm_timeout=comm_timeout,
                        load_timeout=load_timeout,
                        cuda_graphs=not no_cuda_graphs, fused_ops=not no_fused_ops,
-                       dense_weights=dense_weights)
+                       dense_weights=dense_weights, dense_prefill=dense_prefill)
 
 
 def _plan_options(world_size: int, split_mode: str, max_gpu: int | None, tensor_split: str | None):

@@ -107,7 +107,7 @@ def _load_fault(comm: Comm) -> Comm:
 def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int,
                 options: PlanOptions, reduce_type: str = "f32", all_reduce: str = "auto", comm_timeout: float = 20.0,
                 load_timeout: float = 600.0, cuda_graphs: bool = True, progress: bool = True,
-                dense_weights: bool = False, fused_ops: bool = True) -> Engine:
+                dense_weights: bool = False, fused_ops: bool = True, dense_prefill: str = "0") -> Engine:
     """This process's rank of a run: a single process, or one worker of torchrun / SLURM
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment)."""
     env = dist_env()
@@ -118,13 +118,14 @@ def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int
         raise TpError(f"--comm-timeout {comm_timeout} / --load-timeout {load_timeout}: must be > 0 seconds")
     if env is None:
         model = load_model(path, n_ctx=n_ctx, device=device, dtype=dtype, progress=progress, options=options,
-                           cuda_graphs=cuda_graphs, dense_weights=dense_weights, fused_ops=fused_ops)
+                           cuda_graphs=cuda_graphs, dense_weights=dense_weights, fused_ops=fused_ops,
+                           dense_prefill=dense_prefill)
         return Engine(model, model.comm, n_ubatch)
     rank, world, local_rank = env
     options = dataclasses.replace(options, world_size=world)
     model = load_model(path, n_ctx=n_ctx, device=device, dtype=dtype, progress=progress,
                        options=options, local_rank=local_rank, cuda_graphs=cuda_graphs,
-                       dense_weights=dense_weights, fused_ops=fused_ops,
+                       dense_weights=dense_weights, fused_ops=fused_ops, dense_prefill=dense_prefill,
                        make_comm=lambda dev, cfg: _load_fault(DistComm(dev, reduce_type, comm_timeout, load_timeout,
                                                                        all_reduce, n_ubatch * cfg.n_embd)))
     model.comm.barrier()  # every rank loaded: from here on, steps run in lockstep

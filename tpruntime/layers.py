@@ -246,6 +246,11 @@ class DecoderBlock:
         self.post_attention_norm = w["post_attention_norm"] if cfg.sandwich_norm else None
         self.post_ffw_norm = w["post_ffw_norm"] if cfg.sandwich_norm else None
 
+    def matrices(self) -> list:
+        """Its weight matrices as its products hold them (q/k/v and gate/up fused), in order."""
+        return [*self.attn.attn_qkv.parts, self.attn.attn_output.weight, *self.ffn.ffn_gate_up.parts,
+                self.ffn.ffn_down.weight]
+
     def __call__(self, h: torch.Tensor, pending: Pending, p: Positions,
                  cache: KVCache) -> tuple[torch.Tensor, Pending]:
         """h: the float32 residual stream (updated in place); pending: the previous block's

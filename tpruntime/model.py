@@ -22,7 +22,7 @@ from .loader import load_quantized, load_raw_rows, load_tensor
 from .models import model_config
 from .ops import ops_for
 from .plan import PlanOptions, RankShard, make_plan
-from .qweight import int8_request, keeps_quantized, matmul
+from .qweight import QuantWeight, int8_request, keeps_quantized, matmul
 from .quants import dequantize
 from .tensors import dense_tensor_table, resolve
 
@@ -86,6 +86,32 @@ class Transformer:
         self.cache = KVCache([len(ls.kv_heads) for ls in shard.layers], n_ctx, cfg.head_dim,
                              cfg.head_dim_v, self.device, dtype)
         self.graphs: DecodeGraphs | None = None
+        self.copy_bytes = 0  # the dequantized copies of keep_prefill_copies
+
+    def keep_prefill_copies(self, budget: float, fit: bool = False) -> None:
+        """Dequantized copies of the quantized matrices, layer by layer while their bytes stay
+        within `budget`, for prefill batches to multiply without a dequantize pass. On CUDA
+        they must also leave COPY_RESERVE free: beyond that `fit` keeps fewer, else a TpError
+        says how much would fit."""
+        mats = [w for blk in self.blocks for w in blk.matrices() if isinstance(w, QuantWeight) and w.copy_bytes]
+        take, total = 0, 0
+        while take < len(mats) and total + mats[take].copy_bytes <= budget:
+            total += mats[take].copy_bytes
+            take += 1
+        if self.device.type == "cuda" and take:
+            torch.cuda.empty_cache()  # the loader's staging blocks count as free
+            room = torch.cuda.mem_get_info(self.device)[0] - COPY_RESERVE
+            if total > room and not fit:
+                raise TpError(f"--dense-prefill {budget / 2**30:g}: the copies need {total / 2**30:.1f} GiB "
+                              f"on {self.device} but {max(room, 0) / 2**30:.1f} GiB is free after the weights, "
+                              f"the KV cache and {COPY_RESERVE >> 30} GiB for activations (or use auto)",
+                              local=True)
+            while total > room:
+                take -= 1
+                total -= mats[take].copy_bytes
+        for w in mats[:take]:
+            w.keep_copy()
+        self.copy_bytes = total
 
     def use_cuda_graphs(self, on: bool = True) -> None:
         self.graphs = DecodeGraphs(self) if on and self.device.type == "cuda" else None
@@ -98,6 +124,8 @@ class Transformer:
         line = (f"rank {self.shard.rank}: weights {self.weight_bytes / mib:.1f} MiB"
                 + (f" (plan {planned / mib:.1f} MiB)" if planned is not None else "")
                 + f", KV cache {kv / mib:.1f} MiB for {self.n_ctx} tokens")
+        if self.copy_bytes:
+            line += f", prefill copies {self.copy_bytes / mib:.1f} MiB"
         if self.comm.buffer_bytes:
             line += f", all-reduce buffers {self.comm.buffer_bytes / mib:.1f} MiB"
         if self.device.type == "cuda":
@@ -211,6 +239,24 @@ class DecodeGraphs:
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
+# What --dense-prefill leaves free for a prompt chunk's activations and the prefill scratch
+# (qwen3-32b's ub-2048 chunk on one GPU needs ≈ 1.5 GiB beyond the weights and the KV cache).
+COPY_RESERVE = 3 << 30
+
+
+def dense_prefill_budget(text: str) -> tuple[float, bool]:
+    """--dense-prefill: GiB per rank of dequantized matrix copies for prefill, or auto (as many
+    as fit) -> (bytes, fit)."""
+    if str(text).strip().lower() == "auto":
+        return float("inf"), True
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = -1.0
+    if not 0 <= gib < float("inf"):
+        raise TpError(f"--dense-prefill {text!r}: expected a size in GiB (0 for off) or auto")
+    return gib * 2**30, False
+
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """The device of this rank: under a launcher, `cuda` means the GPU of its local rank."""
@@ -239,12 +285,13 @@ def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str 
                progress: bool = True, options: PlanOptions = PlanOptions(), local_rank: int = 0,
                make_comm: Callable[[torch.device, ModelConfig], Comm] = lambda dev, cfg: Comm(),
                cuda_graphs: bool = True, dense_weights: bool = False, fused_ops: bool = True,
-               interpret_kernels: bool = False) -> Transformer:
+               interpret_kernels: bool = False, dense_prefill: str = "0") -> Transformer:
     """Open, validate and load a GGUF model: this rank's shard of it under `options`.
 
     Every check (file, flags, plan) runs before `make_comm` joins the other ranks and before
     any weight is read. n_ctx 0 means the model's training context; dtype auto is f32 on
-    CPU, bf16 on CUDA.
+    CPU, bf16 on CUDA. dense_prefill: see dense_prefill_budget (where the matrices stay
+    quantized: on CUDA without dense_weights).
     """
     gf = GGUFFile(path)
     cfg = model_config(gf)
@@ -256,6 +303,7 @@ def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str 
     if n_ctx < 0:
         raise TpError(f"-c {n_ctx}: the context size must be >= 0")
     n_ctx = n_ctx or cfg.n_ctx_train
+    copy_budget, copy_fit = dense_prefill_budget(dense_prefill)
     plan = make_plan(cfg, options, gf)
     comm = make_comm(dev, cfg)
     model = Transformer(gf, cfg, plan.ranks[comm.rank], comm, n_ctx=n_ctx, device=dev,
@@ -264,6 +312,7 @@ def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str 
     model.planned_bytes = plan.resident_bytes(
         comm.rank, gf, DTYPES[dtype].itemsize,
         keeps_quantized=lambda spec, qtype: keeps_quantized(spec, qtype, model.quantized))
+    model.keep_prefill_copies(copy_budget, copy_fit)
     model.use_cuda_graphs(cuda_graphs)
     return model
 

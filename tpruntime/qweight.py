@@ -4,7 +4,9 @@ Decode reads every weight byte once per token, so its speed is the stored size: 
 is 3.6x fewer bytes than its bf16 dequantization. A few tokens go through the quantized GEMV
 kernels (tpruntime.kernels.gemv; gemv_q8 for one token of 16-bit activations); a prefill batch
 dequantizes the matrix a slice at a time into a scratch buffer and runs the tensor-core matmul
-there, where the math, not the bytes, is the cost (and no dequantized copy stays behind).
+there, where the math, not the bytes, is the cost. Where memory allows (--dense-prefill), a
+matrix also keeps its dequantized copy, which prefill batches multiply directly: no dequantize
+pass per chunk, decode still reading the blocks.
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ QMATMUL_DEFAULT_MAX = {Q.Q4_K: 128}
 QMATMUL_MAX_TOKENS = env_tokens("TPRUNTIME_QMATMUL_MAX")
 
 
+# From this many tokens a matrix's dequantized copy (where it keeps one) beats the K-loop kernel:
+# cuBLAS reads the copy's 2 bytes a weight at HBM speed, about the K-loop kernel's time at 16
+# tokens on an H100 (twelfth session: 2.5x faster than dequantize + cuBLAS there, where the
+# dequantize pass alone costs as much as that read); below it the kernel's 0.56 bytes win.
+COPY_MIN_TOKENS = 16
+
+
 def qmatmul_max_tokens(qtype: Q) -> int:
     """The largest batch of this type's matrices that goes through kernels/qmatmul.py."""
     return QMATMUL_MAX_TOKENS if QMATMUL_MAX_TOKENS is not None else QMATMUL_DEFAULT_MAX.get(qtype, 0)
@@ -114,6 +123,7 @@ class QuantWeight:
         self.raw = raw.reshape(n_out, k_in // block * type_size)
         self.qtype, self.n_out, self.k_in = Q(qtype), n_out, k_in
         self.dtype = dtype  # the compute dtype of the prefill matmul
+        self.copy: torch.Tensor | None = None  # the dequantized matrix, for prefill (keep_copy)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -128,6 +138,18 @@ class QuantWeight:
         """Rows of several matrices of one type and input size as one (fused q/k/v, gate/up)."""
         return QuantWeight(torch.cat([p.raw for p in parts]), parts[0].qtype,
                            sum(p.n_out for p in parts), parts[0].k_in, parts[0].dtype)
+
+    @property
+    def copy_bytes(self) -> int:
+        """The size its dequantized copy takes (held or not)."""
+        return self.n_out * self.k_in * self.dtype.itemsize
+
+    def keep_copy(self) -> None:
+        """Dequantize once and keep the result for prefill batches (exactly the values the
+        per-chunk dequantize pass would give)."""
+        from .kernels.dequant import dequantize_rows
+        if self.copy is None:
+            self.copy = dequantize_rows(self.raw, self.qtype, self.n_out, self.k_in, dtype=self.dtype)
 
     def takes_int8(self, n_tokens: int) -> bool:
         """Whether a step of n_tokens goes through the int8-x GEMV: one token of a 16-bit model
@@ -164,7 +186,12 @@ class QuantWeight:
         if x.shape[0] <= GEMV_MAX_TOKENS:
             return qgemv(x, self.raw, self.qtype, self.n_out, self.k_in)
         x = x.to(self.dtype)
-        if x.shape[0] <= qmatmul_max_tokens(self.qtype) and self._fused_prefill(x):
+        fused = x.shape[0] <= qmatmul_max_tokens(self.qtype) and self._fused_prefill(x)
+        if self.copy is not None and (x.shape[0] >= COPY_MIN_TOKENS or not fused):
+            out = torch.empty(x.shape[0], self.n_out, dtype=torch.float32, device=x.device)
+            _slice_matmul(x, self.copy, out)
+            return out
+        if fused:
             from .kernels.qmatmul import qmatmul
             return qmatmul(x, self.raw, self.qtype, self.n_out, self.k_in)
         # Whole multiples of 128 rows: an output slice whose row stride is not 16-byte aligned
