@@ -26,6 +26,7 @@ class Engine:
         self.n_ctx, self.device = model.n_ctx, model.device
         self.step = 0
         self.fault = _fault_for(comm.rank)
+        model.warm_prefill(n_max)  # prompts are cut into chunks of n_max tokens
 
     def _run(self, tokens: torch.Tensor, pos0: int, all_logits: bool) -> torch.Tensor | None:
         if self.fault is not None and self.step == self.fault[0]:

@@ -137,6 +137,9 @@ class Attention:
                              and torch.cuda.get_device_capability(dev)[0] >= 8)
         self.scale = cfg.attn_scale
         self.window = cfg.sliding_window if cfg.layer_uses_swa(il) else 0
+        # Prompt lengths whose chunk at position 0 goes through SDPA's own kernel choice (see
+        # warm_sdpa); any other length takes the FA2 kernel called directly.
+        self.sdpa_lengths: set[int] = set()
         # The split-K decode kernel reads the number of keys from the device, so one captured
         # graph serves every position; it takes query heads in whole groups.
         self.reads_n_keys = ops.decode_attention is not None and self.whole_groups and self.n_head > 0
@@ -175,7 +178,10 @@ class Attention:
         # The bottom-right causal mask runs in flash attention (which also broadcasts grouped KV
         # heads) where flash can run: 16-bit inputs, equal q/k and v head sizes up to 256, sm80
         # or newer; otherwise in the memory-efficient kernel, which cannot broadcast them.
-        flash = lower_right and self.flash_shapes and q.dtype in (torch.float16, torch.bfloat16)
+        fa2 = self.flash_shapes and self.whole_groups and q.dtype in (torch.float16, torch.bfloat16)
+        # A first chunk whose length SDPA has not seen would pay for cuDNN's plan (see
+        # warm_sdpa); FA2 needs none, and causal from position 0 is its bottom-right mask too.
+        flash = fa2 and (lower_right or (causal and T not in self.sdpa_lengths))
         mask = None
         if lower_right and not flash:
             # imported here: the module pulls in torch._dynamo (1.5 s at every start)
@@ -209,6 +215,24 @@ class Attention:
             out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=causal, scale=self.scale,
                                                  enable_gqa=self.n_head != keys.shape[0])[0]
         return self.attn_output(out.transpose(0, 1).reshape(T, self.n_head * self.head_dim_v))
+
+
+    def warm_sdpa(self, T: int, cache: KVCache) -> None:
+        """Let chunks of T tokens at position 0 take SDPA's choice of kernel, and build its plan
+        now. On Hopper SDPA picks cuDNN, faster than FA2 on long chunks (a qwen3-32b layer's
+        2048 tokens in 0.17 ms against 0.30 on an H100) but building an execution plan at the
+        first call of every new length: 58-62 ms, 800 ms at 2048 (docs/benchmarks.md,
+        fourteenth session). So only the full chunk length, which repeats, takes it, warmed at
+        load; other lengths, which seldom repeat, take FA2."""
+        if not (self.flash_shapes and self.whole_groups and self.n_head and not self.window):
+            return
+        keys, values = cache.view(self.il, 0, T)  # the layout of the real call, for the same plan
+        if keys.dtype not in (torch.float16, torch.bfloat16):
+            return
+        q = torch.zeros(T, self.n_head, self.head_dim, dtype=keys.dtype, device=keys.device)
+        F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True,
+                                       scale=self.scale, enable_gqa=self.n_head != keys.shape[0])
+        self.sdpa_lengths.add(T)
 
 
 class GatedFFN:
