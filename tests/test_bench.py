@@ -34,6 +34,7 @@ def test_json_and_csv(tiny_models, ranks):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["ranks"] == ranks and [row["N_KV"] for row in out["rows"]] == [0, 16, 32]
+    assert out["prefill_copy_bytes"] == 0 and out["dense_prefill"] == "0"  # (copies only where matrices stay quantized)
     assert all(abs(row["S_TG"] * row["T_TG"] - 3) < 1e-6 for row in out["rows"])
     r = tp(*args, "--output", "csv")
     assert r.stdout.splitlines()[0] == "PP,TG,N_KV,T_PP,S_PP,T_TG,S_TG" and len(r.stdout.splitlines()) == 4

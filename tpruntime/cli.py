@@ -299,12 +299,15 @@ def sweep_bench(model, ctx_size, ubatch_size, batch_size, n_tg, warmup_batch, fm
         if fmt == "md":
             click.echo(f"model: {path}, ranks: {engine.comm.world_size}, device: {engine.device}, "
                        f"dtype: {str(engine.model.dtype).removeprefix('torch.')}", err=True)
+            if engine.model.copy_bytes:  # what --dense-prefill kept (auto: what fitted)
+                click.echo(engine.model.memory_report(), err=True)
             click.echo(markdown_header())
         rows = run(engine, n_ctx=ctx_size, n_ubatch=ubatch_size, n_tg=n_tg, warmup_batch=warmup_batch,
                    seed=seed, on_row=(lambda r: click.echo(markdown_row(r))) if fmt == "md" else None)
         if fmt != "md":
             meta = {**engine_kw, "model": path, "ranks": engine.comm.world_size, "device": str(engine.device),
-                    "dtype": str(engine.model.dtype).removeprefix("torch.")}
+                    "dtype": str(engine.model.dtype).removeprefix("torch."),
+                    "prefill_copy_bytes": engine.model.copy_bytes}
             click.echo(render(rows, fmt, meta))
         engine.stop()
     engine.close()
