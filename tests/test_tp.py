@@ -77,6 +77,21 @@ def test_split_options_equal_tp1(extra, n_ranks, tiny_models, tp1):
     assert generate(tiny_models["tiny-qwen2"], n_ranks, *extra) == tp1["tiny-qwen2"]
 
 
+def test_uneven_split_with_a_partial_kv_group(tmp_path):
+    """12 query heads over 2 KV heads (groups of 6) at -ts 4,1,1: rank 0 holds query heads 0-7,
+    one whole group and part of the next. Its heads 6 and 7 read KV head 1, not the 8 / 2 = 4
+    per KV head that SDPA's grouped broadcast would pair them with; the tokens equal TP 1."""
+    from tpruntime.synthetic import Shape, write_model
+    m = write_model(tmp_path / "g6.gguf", Shape("llama", 192, 2, 12, 2, 16, 256, 4096), qtype="Q8_0", seed=2,
+                    target_std=0.1)
+    gf = GGUFFile(str(m))
+    rank0 = make_plan(model_config(gf), PlanOptions(world_size=3, tensor_split=[4.0, 1.0, 1.0]), gf).ranks[0]
+    assert (list(rank0.layers[0].q_heads), list(rank0.layers[0].kv_heads)) == (list(range(8)), [0, 1])
+    _, want = generate(m, 1)
+    assert len(set(want)) >= 4
+    assert generate(m, 3, "-ts", "4,1,1")[1] == want
+
+
 def logits(model, n_ranks, tmp_path, *extra) -> np.ndarray:
     out = tmp_path / f"logits-{n_ranks}-{'_'.join(map(str, extra))}.npy"
     prompt = ",".join(str(i) for i in np.random.default_rng(5).integers(0, 250, 21))

@@ -126,8 +126,14 @@ class Attention:
         group = cfg.n_head // cfg.n_head_kv
         self.kv_of_q = torch.tensor([q // group - shard.kv_heads.start for q in shard.q_heads],
                                     dtype=torch.long, device=rope.cos.device)
-        # Whole groups in order: SDPA can broadcast the KV heads itself instead of copying them.
-        self.whole_groups = self.kv_of_q.tolist() == [i // group for i in range(len(shard.q_heads))]
+        # Whole groups in order: SDPA (and the decode kernel) can broadcast the KV heads itself
+        # instead of copying them. They pair query head i with local KV head i // (n_head /
+        # n_head_kv), so the local heads must be that even split (an uneven -ts can give a rank
+        # one group and part of the next: 8 query heads over 2 KV heads of 6 each).
+        n_kv = len(shard.kv_heads)
+        per_kv = len(shard.q_heads) // n_kv if n_kv and len(shard.q_heads) % n_kv == 0 else 0
+        self.whole_groups = not shard.q_heads or (
+            per_kv > 0 and self.kv_of_q.tolist() == [i // per_kv for i in range(len(shard.q_heads))])
         self.head_dim, self.head_dim_v = cfg.head_dim, cfg.head_dim_v
         dev = rope.cos.device
         # flash attention's limits other than the dtype: q/k and v heads of one size up to 256
