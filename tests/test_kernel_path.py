@@ -102,7 +102,7 @@ def test_interpreted_kernels_on_a_rank_that_sits_layers_out(micro_models):
 
 
 @pytest.mark.skipif(CUDA, reason="CPU interpreter check; tests/test_models.py has the CUDA one")
-def test_interpreted_dense_prefill_copies(micro_models):
+def test_interpreted_dense_prefill_copies(micro_models, monkeypatch):
     """--dense-prefill: the first layers' matrices within the budget keep dequantized copies
     (q/k/v and gate/up as fused), prompt chunks give the same logits as without them, the memory
     line names them, and a bad value is a TpError before anything loads."""
@@ -122,8 +122,15 @@ def test_interpreted_dense_prefill_copies(micro_models):
     assert every.copy_bytes == sum(w.copy_bytes for w in mats) and plain.copy_bytes == 0
     assert every.weight_bytes == every.planned_bytes  # the copies are not the plan's weights
     chunk = torch.arange(3, 3 + 20)  # 20 tokens: past COPY_MIN_TOKENS
+    import tpruntime.kernels.dequant as dq
+    passes = []  # dequantize passes into the prefill scratch
+    real = dq.dequantize_rows
+    monkeypatch.setattr(dq, "dequantize_rows", lambda *a, **k: passes.append(k.get("out") is not None) or real(*a, **k))
     want = plain.forward(chunk, 0, all_logits=True)
+    assert sum(passes) == len(mats) + 1  # (+ the output head's: all 20 rows' logits)
+    passes.clear()
     assert torch.equal(every.forward(chunk, 0, all_logits=True), want)
+    assert sum(passes) == 1  # the head's only: it keeps no copy
     for bad in ("-1", "nan", "inf", "lots"):
         with pytest.raises(TpError, match="--dense-prefill"):
             dense_prefill_budget(bad)

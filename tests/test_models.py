@@ -174,21 +174,48 @@ def test_cuda_chunked_prefill_equals_one_shot(shape, tiny_models, dtype, matmul,
         assert err.max().item() < 0.1, err.max()
 
 
+def test_dense_prefill_copies_that_fit():
+    """--dense-prefill's choice: the first matrices within the budget, then within the free
+    memory (auto keeps fewer, down to none when not even the reserve is free; a number that
+    does not fit is a one-line error)."""
+    from tpruntime.errors import TpError
+    from tpruntime.model import copies_that_fit
+    g = 2**30
+    sizes = [4 * g, 4 * g, 4 * g]
+    assert copies_that_fit(sizes, 100 * g, float("inf"), False, "cpu") == 3
+    assert copies_that_fit(sizes, 9 * g, float("inf"), False, "cpu") == 2
+    assert copies_that_fit(sizes, 0, -5 * g, False, "cuda:0") == 0
+    assert copies_that_fit(sizes, float("inf"), 9 * g, True, "cuda:0") == 2
+    assert copies_that_fit(sizes, float("inf"), 3 * g, True, "cuda:0") == 0
+    assert copies_that_fit(sizes, float("inf"), -1 * g, True, "cuda:0") == 0
+    assert copies_that_fit([], float("inf"), -1 * g, True, "cuda:0") == 0
+    with pytest.raises(TpError, match=r"--dense-prefill 12: the copies need 12.0 GiB on cuda:1 but 9.0 GiB is free"):
+        copies_that_fit(sizes, 12 * g, 9 * g, False, "cuda:1")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("shape", TINY_SHAPES)
-def test_cuda_first_chunk_through_fa2_or_the_warmed_sdpa(shape, tiny_models):
+def test_cuda_first_chunk_through_fa2_or_the_warmed_sdpa(shape, tiny_models, monkeypatch):
     """A chunk at position 0 takes FA2 unless its length was warmed (Transformer.warm_prefill,
     as the engine does for -ub), then SDPA's choice (cuDNN on Hopper): the logits agree."""
     path = str(tiny_models[shape])
     lm = load_model(path, n_ctx=300, device="cuda", dtype="bf16", progress=False)
     g = torch.Generator().manual_seed(4)
     prompt = torch.randint(0, lm.cfg.n_vocab, (100,), generator=g).tolist()
+    from tpruntime import layers
+    causal = []
+    real = layers.F.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
+                        lambda *a, **k: causal.append(bool(k.get("is_causal"))) or real(*a, **k))
     fa2 = prefill(lm, prompt, n_ubatch=64, all_logits=True).float()
+    assert not any(causal)  # the first chunk's causal attention did not go through SDPA
     lm.warm_prefill(64)
     takes = [b.attn for b in lm.blocks if b.attn.flash_shapes and b.attn.whole_groups and not b.attn.window]
     assert takes and all(a.sdpa_lengths == {64} for a in takes)
+    causal.clear()
     sdpa = prefill(lm, prompt, n_ubatch=64, all_logits=True).float()
+    assert sum(causal) == len(takes)  # now it did, once a layer (the second chunk is not at 0)
     err = (fa2 - sdpa).abs().max(dim=-1).values / sdpa.abs().max(dim=-1).values
     assert err.max().item() < 0.05, err.max()  # two bf16 kernels' roundings; a wrong mask is order one
 

@@ -147,7 +147,7 @@ def _engine_options(f):
     f = click.option("--dense-prefill", default="0", show_default=True,
                      help="GiB per rank of dequantized copies of the quantized matrices (the first layers' "
                           "first), which prompt chunks multiply without a dequantize pass; decode still reads "
-                          "the GGUF blocks. auto: as many as fit beside the KV cache.")(f)
+                          "the GGUF blocks. auto: as many as fit beside the KV cache. (CUDA, without --dense-weights.)")(f)
     f = click.option("--load-timeout", default=600.0, show_default=True,
                      help="Seconds the ranks wait for the slowest one to load its weights.")(f)
     f = click.option("--comm-timeout", default=20.0, show_default=True,

@@ -120,13 +120,14 @@ def open_engine(path: str, *, n_ctx: int, device: str, dtype: str, n_ubatch: int
     if env is None:
         model = load_model(path, n_ctx=n_ctx, device=device, dtype=dtype, progress=progress, options=options,
                            cuda_graphs=cuda_graphs, dense_weights=dense_weights, fused_ops=fused_ops,
-                           dense_prefill=dense_prefill)
+                           dense_prefill=dense_prefill, n_ubatch=n_ubatch)
         return Engine(model, model.comm, n_ubatch)
     rank, world, local_rank = env
     options = dataclasses.replace(options, world_size=world)
     model = load_model(path, n_ctx=n_ctx, device=device, dtype=dtype, progress=progress,
                        options=options, local_rank=local_rank, cuda_graphs=cuda_graphs,
                        dense_weights=dense_weights, fused_ops=fused_ops, dense_prefill=dense_prefill,
+                       n_ubatch=n_ubatch,
                        make_comm=lambda dev, cfg: _load_fault(DistComm(dev, reduce_type, comm_timeout, load_timeout,
                                                                        all_reduce, n_ubatch * cfg.n_embd)))
     model.comm.barrier()  # every rank loaded: from here on, steps run in lockstep

@@ -88,30 +88,27 @@ class Transformer:
         self.graphs: DecodeGraphs | None = None
         self.copy_bytes = 0  # the dequantized copies of keep_prefill_copies
 
-    def keep_prefill_copies(self, budget: float, fit: bool = False) -> None:
+    def keep_prefill_copies(self, budget: float, fit: bool = False, n_ubatch: int = 512) -> None:
         """Dequantized copies of the quantized matrices, layer by layer while their bytes stay
-        within `budget`, for prefill batches to multiply without a dequantize pass. On CUDA
-        they must also leave COPY_RESERVE free: beyond that `fit` keeps fewer, else a TpError
-        says how much would fit."""
+        within `budget`, for prefill batches to multiply without a dequantize pass. On CUDA they
+        must also leave room for a chunk of n_ubatch tokens (copy_reserve): beyond that `fit`
+        keeps fewer, else a TpError says how much would fit."""
         mats = [w for blk in self.blocks for w in blk.matrices() if isinstance(w, QuantWeight) and w.copy_bytes]
-        take, total = 0, 0
-        while take < len(mats) and total + mats[take].copy_bytes <= budget:
-            total += mats[take].copy_bytes
-            take += 1
-        if self.device.type == "cuda" and take:
+        room = float("inf")
+        if self.device.type == "cuda" and mats and budget > 0:
             torch.cuda.empty_cache()  # the loader's staging blocks count as free
-            room = torch.cuda.mem_get_info(self.device)[0] - COPY_RESERVE
-            if total > room and not fit:
-                raise TpError(f"--dense-prefill {budget / 2**30:g}: the copies need {total / 2**30:.1f} GiB "
-                              f"on {self.device} but {max(room, 0) / 2**30:.1f} GiB is free after the weights, "
-                              f"the KV cache and {COPY_RESERVE >> 30} GiB for activations (or use auto)",
-                              local=True)
-            while total > room:
-                take -= 1
-                total -= mats[take].copy_bytes
+            room = torch.cuda.mem_get_info(self.device)[0] - self.copy_reserve(n_ubatch)
+        take = copies_that_fit([w.copy_bytes for w in mats], budget, room, fit, self.device)
         for w in mats[:take]:
             w.keep_copy()
-        self.copy_bytes = total
+        self.copy_bytes = sum(w.copy_bytes for w in mats[:take])
+
+    def copy_reserve(self, n_ubatch: int) -> int:
+        """What the copies must leave free: a prompt chunk's float32 activations (gate|up, the
+        activation, q|k|v, a few residual-sized tensors, generously), COPY_RESERVE besides."""
+        n_ff = max((blk.ffn.n_ff for blk in self.blocks), default=0)
+        qkv = max((sum(blk.attn.attn_qkv.sizes) for blk in self.blocks), default=0)
+        return COPY_RESERVE + n_ubatch * 4 * (3 * n_ff + qkv + 8 * self.cfg.n_embd)
 
     def warm_prefill(self, n_ubatch: int) -> None:
         """Build now what a full prompt chunk at position 0 would build at its first use (the
@@ -247,9 +244,27 @@ class DecodeGraphs:
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
-# What --dense-prefill leaves free for a prompt chunk's activations and the prefill scratch
-# (qwen3-32b's ub-2048 chunk on one GPU needs ≈ 1.5 GiB beyond the weights and the KV cache).
-COPY_RESERVE = 3 << 30
+# What --dense-prefill leaves free besides a chunk's activations (Transformer.copy_reserve):
+# library workspaces, the prefill scratch of matrices without a copy, the decode graphs.
+COPY_RESERVE = 1 << 30
+
+
+def copies_that_fit(sizes: list[int], budget: float, room: float, fit: bool, device) -> int:
+    """How many of the matrices (their copies' bytes, in order) --dense-prefill keeps: those
+    within the budget, and within `room` (the device's free memory less the reserve), fewer
+    with auto (fit), else a TpError."""
+    take, total = 0, 0
+    while take < len(sizes) and total + sizes[take] <= budget:
+        total += sizes[take]
+        take += 1
+    if take and total > room and not fit:
+        raise TpError(f"--dense-prefill {budget / 2**30:g}: the copies need {total / 2**30:.1f} GiB on {device} "
+                      f"but {max(room, 0) / 2**30:.1f} GiB is free after the weights, the KV cache and room for a "
+                      f"prompt chunk (or use auto)", local=True)
+    while take and total > room:
+        take -= 1
+        total -= sizes[take]
+    return take
 
 
 def dense_prefill_budget(text: str) -> tuple[float, bool]:
@@ -293,13 +308,13 @@ def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str 
                progress: bool = True, options: PlanOptions = PlanOptions(), local_rank: int = 0,
                make_comm: Callable[[torch.device, ModelConfig], Comm] = lambda dev, cfg: Comm(),
                cuda_graphs: bool = True, dense_weights: bool = False, fused_ops: bool = True,
-               interpret_kernels: bool = False, dense_prefill: str = "0") -> Transformer:
+               interpret_kernels: bool = False, dense_prefill: str = "0", n_ubatch: int = 512) -> Transformer:
     """Open, validate and load a GGUF model: this rank's shard of it under `options`.
 
     Every check (file, flags, plan) runs before `make_comm` joins the other ranks and before
     any weight is read. n_ctx 0 means the model's training context; dtype auto is f32 on
     CPU, bf16 on CUDA. dense_prefill: see dense_prefill_budget (where the matrices stay
-    quantized: on CUDA without dense_weights).
+    quantized: on CUDA without dense_weights), leaving room for chunks of n_ubatch tokens.
     """
     gf = GGUFFile(path)
     cfg = model_config(gf)
@@ -320,7 +335,7 @@ def load_model(path: str, *, n_ctx: int = 4096, device: str = "cpu", dtype: str 
     model.planned_bytes = plan.resident_bytes(
         comm.rank, gf, DTYPES[dtype].itemsize,
         keeps_quantized=lambda spec, qtype: keeps_quantized(spec, qtype, model.quantized))
-    model.keep_prefill_copies(copy_budget, copy_fit)
+    model.keep_prefill_copies(copy_budget, copy_fit, n_ubatch)
     model.use_cuda_graphs(cuda_graphs)
     return model
 
