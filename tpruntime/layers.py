@@ -184,10 +184,9 @@ class Attention:
         # The bottom-right causal mask runs in flash attention (which also broadcasts grouped KV
         # heads) where flash can run: 16-bit inputs, equal q/k and v head sizes up to 256, sm80
         # or newer; otherwise in the memory-efficient kernel, which cannot broadcast them.
-        fa2 = self.flash_shapes and self.whole_groups and q.dtype in (torch.float16, torch.bfloat16)
         # A first chunk whose length SDPA has not seen would pay for cuDNN's plan (see
         # warm_sdpa); FA2 needs none, and causal from position 0 is its bottom-right mask too.
-        flash = fa2 and (lower_right or (causal and T not in self.sdpa_lengths))
+        flash = self._takes_fa2(q.dtype) and (lower_right or (causal and T not in self.sdpa_lengths))
         mask = None
         if lower_right and not flash:
             # imported here: the module pulls in torch._dynamo (1.5 s at every start)
@@ -218,10 +217,17 @@ class Attention:
             out = torch.ops.aten._scaled_dot_product_flash_attention(q4, k4, v4, 0.0, True, False,
                                                                      scale=self.scale)[0][0]
         else:
-            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                                 enable_gqa=self.n_head != keys.shape[0])[0]
+            out = self._sdpa(q4, k4, v4, mask, causal)[0]
         return self.attn_output(out.transpose(0, 1).reshape(T, self.n_head * self.head_dim_v))
 
+    def _takes_fa2(self, dtype: torch.dtype) -> bool:
+        """Whether the FA2 kernel, called directly, can take this layer's heads in `dtype`."""
+        return self.flash_shapes and self.whole_groups and dtype in (torch.float16, torch.bfloat16)
+
+    def _sdpa(self, q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, mask, causal: bool) -> torch.Tensor:
+        """SDPA with its own choice of kernel; q4 [1, H, T, d], k4/v4 [1, Hkv, S, d]."""
+        return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                              enable_gqa=self.n_head != k4.shape[1])
 
     def warm_sdpa(self, T: int, cache: KVCache) -> None:
         """Let chunks of T tokens at position 0 take SDPA's choice of kernel, and build its plan
@@ -230,14 +236,12 @@ class Attention:
         first call of every new length: 58-62 ms, 800 ms at 2048 (docs/benchmarks.md,
         fourteenth session). So only the full chunk length, which repeats, takes it, warmed at
         load; other lengths, which seldom repeat, take FA2."""
-        if not (self.flash_shapes and self.whole_groups and self.n_head and not self.window):
-            return
         keys, values = cache.view(self.il, 0, T)  # the layout of the real call, for the same plan
-        if keys.dtype not in (torch.float16, torch.bfloat16):
+        # (the chunks __call__ sends to SDPA by this set: causal ones, which a window never is)
+        if not (self.n_head and not self.window and self._takes_fa2(keys.dtype)):
             return
         q = torch.zeros(T, self.n_head, self.head_dim, dtype=keys.dtype, device=keys.device)
-        F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True,
-                                       scale=self.scale, enable_gqa=self.n_head != keys.shape[0])
+        self._sdpa(q.transpose(0, 1)[None], keys[None], values[None], None, True)
         self.sdpa_lengths.add(T)
 
 
